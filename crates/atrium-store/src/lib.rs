@@ -1,0 +1,52 @@
+//! Atrium's storage: device identity, lifecycle, certificates, API tokens and the audit log,
+//! in one schema on SQLite (embedded, the default) or PostgreSQL (scale-out).
+//!
+//! There is one implementation, [`Store`], over `sqlx`'s `Any` driver; the URL picks the
+//! backend (`sqlite://PATH` or `postgres://...`). Queries are runtime SQL that both databases
+//! accept: `$n` placeholders (plain `?` in long generated statements on SQLite, where `$n` is
+//! slow), ids as app-generated text, times as `INTEGER`/`BIGINT` unix milliseconds, booleans
+//! as 0/1, maps and JSON as text, keys as `BLOB`/`BYTEA`. Versioned migrations
+//! (`migrations/sqlite`, `migrations/postgres`, same versions) run when the store opens.
+//!
+//! Entry points: [`Store::open`], then [`Store::enroll_batch`] (the enrollment hot path: a
+//! batch of enrollments in one transaction, each item succeeding or failing on its own),
+//! [`Store::set_device_status`] (operator lifecycle decisions) and the readers.
+//!
+//! Architecture invariants:
+//! - Every operator-facing mutation takes a [`NewAuditEntry`] and writes it in the same
+//!   transaction as the change; nothing is stored half-way. The "now" of such a change is the
+//!   audit entry's `time_ms`.
+//! - Audit sequence numbers are assigned in commit order (a single counter row taken last in
+//!   every writing transaction), so a reader tailing with `since_seq` never skips an entry.
+//! - Setting a device `Rejected` or `Decommissioned` revokes all of its certificates in the
+//!   same transaction, and only an `Accepted` device can be given a certificate.
+//! - A key fingerprint belongs to one device for ever: a decommissioned device's key can never
+//!   enroll again (the device must generate a new key and becomes a new device record).
+//! - Times are the caller's (the store reads the clock only for time-ordered ids, [`new_id`]),
+//!   and the store never sees an API token, only its hash.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod admission;
+mod audit;
+mod devices;
+mod enroll;
+mod error;
+mod model;
+mod rows;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod tokens;
+
+pub use error::StoreError;
+pub use model::{
+    ApiToken, AuditEntry, AuditQuery, CertificateRecord, DeniedSerial, Device, DeviceQuery,
+    DeviceStatus, DeviceUpdate, DeviceWrite, EnrollmentGroup, EnrollmentKind, EnrollmentWrite,
+    Identity, NewAuditEntry, NewDevice, NewEnrollmentGroup, NewPreauthorization, Preauthorization,
+    Role,
+};
+pub use store::{
+    Backend, LATEST_SCHEMA_VERSION, SqlitePragmas, Store, StoreOptions, embedded_migration_files,
+    new_id,
+};
