@@ -1,0 +1,283 @@
+//! The Atrium gateway agent: identity, enrollment and the device link.
+//!
+//! On first start the agent creates its identity key (0600, behind [`atrium_pki::DeviceKey`] so
+//! a hardware token can hold it later), then enrolls over HTTPS trusting only the CA bundle it
+//! was installed with. Once accepted it keeps one mutual-TLS WebSocket to the server
+//! ([`link`]), renews its certificate at two thirds of its life, and re-enrolls with its
+//! identity key (or factory certificate) when the certificate has expired.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod enroll;
+pub mod inventory;
+mod link;
+pub mod spool;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use atrium_pki::{DeviceKey, FileKey};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use config::AgentConfig;
+
+/// Where the agent is in its life, for the status command, tests and the simulator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentState {
+    /// Not started yet.
+    Starting,
+    /// Asking the server to enroll.
+    Enrolling,
+    /// Enrolled, waiting for an operator.
+    Pending {
+        /// The id the server gave the device.
+        device_id: String,
+    },
+    /// The server refused the device (rejected, decommissioned, denied).
+    Refused {
+        /// The server's reason.
+        reason: String,
+    },
+    /// Opening the device link.
+    Connecting,
+    /// The link is up.
+    Connected {
+        /// The device id the server knows this link as.
+        device_id: String,
+    },
+    /// Waiting before the next attempt.
+    Waiting {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A running agent's shared parts.
+pub struct Agent {
+    config: AgentConfig,
+    key: Arc<dyn DeviceKey>,
+    factory: Option<Factory>,
+    roots: Vec<CertificateDer<'static>>,
+    state: watch::Sender<AgentState>,
+}
+
+/// The factory identity of a device that enrolls zero-touch.
+struct Factory {
+    chain_pem: String,
+    key: FileKey,
+}
+
+/// File names inside the data directory.
+const KEY_FILE: &str = "identity.key";
+const CERT_FILE: &str = "device.crt";
+
+impl Agent {
+    /// Prepares the agent: data directory, identity key (created on first start), trusted CA.
+    pub fn new(config: AgentConfig) -> anyhow::Result<Agent> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let key = FileKey::load_or_generate(&config.data_dir.join(KEY_FILE))
+            .context("loading the identity key")?;
+        let ca = std::fs::read_to_string(&config.ca_file)
+            .with_context(|| format!("reading the CA bundle {}", config.ca_file.display()))?;
+        let roots = atrium_pki::parse_pem_certs(&ca)
+            .with_context(|| format!("parsing the CA bundle {}", config.ca_file.display()))?;
+        let factory = match (&config.factory_cert, &config.factory_key) {
+            (Some(cert), Some(key)) => Some(Factory {
+                chain_pem: std::fs::read_to_string(cert).with_context(|| {
+                    format!("reading the factory certificate {}", cert.display())
+                })?,
+                key: FileKey::load(key)
+                    .with_context(|| format!("loading the factory key {}", key.display()))?,
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!("factory_cert and factory_key must be set together"),
+        };
+        let (state, _) = watch::channel(AgentState::Starting);
+        Ok(Agent {
+            config,
+            key: Arc::new(key),
+            factory,
+            roots,
+            state,
+        })
+    }
+
+    /// Follows the agent's state.
+    pub fn state(&self) -> watch::Receiver<AgentState> {
+        self.state.subscribe()
+    }
+
+    /// The identity attributes this gateway enrolls with.
+    pub fn identity(&self) -> atrium_proto::enrollment::IdentityDoc {
+        enroll::identity(self)
+    }
+
+    /// The configuration the agent runs with.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    fn set_state(&self, state: AgentState) {
+        self.state.send_if_modified(|current| {
+            if *current == state {
+                false
+            } else {
+                tracing::info!(?state, "agent state");
+                *current = state;
+                true
+            }
+        });
+    }
+
+    fn cert_path(&self) -> PathBuf {
+        self.config.data_dir.join(CERT_FILE)
+    }
+
+    /// The stored operational certificate chain, if it has not expired.
+    fn usable_certificate(&self) -> Option<Vec<CertificateDer<'static>>> {
+        let pem = std::fs::read_to_string(self.cert_path()).ok()?;
+        let chain = atrium_pki::parse_pem_certs(&pem).ok()?;
+        let (_, not_after) = atrium_pki::cert_validity(chain.first()?).ok()?;
+        (not_after > now_unix()).then_some(chain)
+    }
+
+    /// When the stored certificate arrived: the start of its life as far as renewal goes
+    /// (the CA back-dates `notBefore` for clock skew, which must not pull renewal forward).
+    fn certificate_received_unix(&self) -> Option<i64> {
+        let modified = std::fs::metadata(self.cert_path()).ok()?.modified().ok()?;
+        let since = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        i64::try_from(since.as_secs()).ok()
+    }
+
+    fn store_certificate(&self, chain_pem: &str) -> anyhow::Result<()> {
+        write_private_file(&self.cert_path(), chain_pem.as_bytes())
+            .with_context(|| format!("writing {}", self.cert_path().display()))
+    }
+
+    /// Runs until `shutdown`: enroll when needed, keep the link up, renew, reconnect.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let http = enroll::http_client(&self.roots)?;
+        let mut backoff = Backoff::new(Duration::from_secs(self.config.max_backoff_s.max(1)));
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let chain = match self.usable_certificate() {
+                Some(chain) => chain,
+                None => match enroll::until_accepted(&self, &http, &shutdown).await {
+                    Some(chain) => chain,
+                    None => return Ok(()),
+                },
+            };
+            self.set_state(AgentState::Connecting);
+            let outcome = link::run(&self, chain, &shutdown).await;
+            let wait = match outcome {
+                link::Outcome::Shutdown => return Ok(()),
+                link::Outcome::Renewed => continue,
+                link::Outcome::Refused(reason) => {
+                    // The server no longer takes this certificate: ask enrollment what we are now.
+                    tracing::warn!(%reason, "link refused; asking enrollment for the device's status");
+                    let _ = std::fs::remove_file(self.cert_path());
+                    continue;
+                }
+                link::Outcome::Lost { reason, was_up } => {
+                    if was_up {
+                        backoff.reset();
+                    }
+                    let wait = backoff.next();
+                    self.set_state(AgentState::Waiting {
+                        reason: format!("{reason}; retrying in {:.1} s", wait.as_secs_f64()),
+                    });
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: waits are random in [base, cap], growing per failure.
+struct Backoff {
+    attempt: u32,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(cap: Duration) -> Backoff {
+        Backoff { attempt: 0, cap }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next(&mut self) -> Duration {
+        use rand::Rng as _;
+        let base = Duration::from_millis(500);
+        let ceiling = base
+            .saturating_mul(2u32.saturating_pow(self.attempt))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let millis = rand::rng().random_range(
+            base.as_millis() as u64..=ceiling.as_millis().max(base.as_millis()) as u64,
+        );
+        Duration::from_millis(millis)
+    }
+}
+
+fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let mut backoff = Backoff::new(Duration::from_secs(8));
+        let waits: Vec<Duration> = (0..10).map(|_| backoff.next()).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_millis(500)));
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(8)));
+        assert!(waits[0] <= Duration::from_millis(500));
+        backoff.reset();
+        assert!(backoff.next() <= Duration::from_millis(500));
+    }
+}

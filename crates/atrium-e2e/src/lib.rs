@@ -1,0 +1,2 @@
+//! End-to-end scenarios live in `tests/e2e`; this crate has no library code of its own.
+#![forbid(unsafe_code)]

@@ -1,0 +1,403 @@
+//! Test fixtures: a real server on loopback (SQLite or PostgreSQL), real agents, an API client.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atrium_agent::{Agent, AgentConfig, AgentState};
+use atrium_pki::DeviceKey;
+use atrium_proto::{Frame, Hello, Message, SeqCounter};
+use atrium_server::{RunningServer, ServerConfig};
+use futures_util::{SinkExt as _, StreamExt as _};
+use reqwest::StatusCode;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Which storage backend a scenario runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ATRIUM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A server node with its own data directory and database.
+pub struct TestServer {
+    _dir: TempDir,
+    _postgres: Option<atrium_store::testing::TestPostgres>,
+    pub config: ServerConfig,
+    pub running: Option<RunningServer>,
+    pub token: String,
+    http: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(atrium_store::testing::fresh_postgres().await),
+        };
+        let database_url = postgres
+            .as_ref()
+            .map(|db| db.url.clone())
+            .unwrap_or_default();
+        let mut config = ServerConfig {
+            data_dir: dir.path().join("server"),
+            database_url,
+            api_listen: "127.0.0.1:0".parse().expect("addr"),
+            link_listen: "127.0.0.1:0".parse().expect("addr"),
+            heartbeat_s: 1,
+            ..ServerConfig::default()
+        };
+        tweak(&mut config);
+        let running = atrium_server::start(config.clone())
+            .await
+            .expect("server starts");
+        let token = running
+            .created_admin_token
+            .clone()
+            .expect("first start creates the admin token");
+        let on_disk =
+            std::fs::read_to_string(config.data_dir.join("admin.token")).expect("token file");
+        assert_eq!(
+            on_disk.trim(),
+            token,
+            "the token file holds the admin token"
+        );
+        // Later restarts must come back on the same ports, as a real server would.
+        config.api_listen = running.api_addr;
+        config.link_listen = running.link_addr;
+        let roots = atrium_pki::parse_pem_certs(&running.ca_bundle_pem()).expect("bundle");
+        let tls = atrium_pki::tls::client_config(&roots, None).expect("tls");
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
+            .build()
+            .expect("client");
+        TestServer {
+            _dir: dir,
+            _postgres: postgres,
+            config,
+            running: Some(running),
+            token,
+            http,
+        }
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("https://{}", self.config.api_listen)
+    }
+
+    pub fn link_url(&self) -> String {
+        format!("wss://{}", self.config.link_listen)
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.config.data_dir.join("ca.pem")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let running = atrium_server::start(self.config.clone())
+            .await
+            .expect("server restarts");
+        assert!(
+            running.created_admin_token.is_none(),
+            "the admin token is created once"
+        );
+        self.running = Some(running);
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.api_url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.post_as(&self.token.clone(), path, body).await
+    }
+
+    pub async fn post_as(&self, token: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.api_url()))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.api_url()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn device(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/devices/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub async fn audit_actions(&self, target: &str) -> Vec<String> {
+        let (status, body) = self
+            .get(&format!("/api/v1/audit?target={target}&limit=1000"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body.as_array()
+            .expect("array")
+            .iter()
+            .map(|e| e["action"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    pub async fn decide(&self, id: &str, action: &str) -> Value {
+        let (status, body) = self
+            .post(
+                &format!("/api/v1/devices/{id}/{action}"),
+                serde_json::json!({"reason": "test"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{action}: {body}");
+        body
+    }
+}
+
+/// An agent running in this process with its own data directory.
+pub struct TestAgent {
+    pub dir: TempDir,
+    pub state: watch::Receiver<AgentState>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub config: AgentConfig,
+}
+
+pub fn agent_config(server: &TestServer, dir: &TempDir, serial: &str) -> AgentConfig {
+    AgentConfig {
+        data_dir: dir.path().to_path_buf(),
+        server_url: server.api_url(),
+        link_url: server.link_url(),
+        ca_file: server.ca_file(),
+        serial: serial.into(),
+        mac: "02:00:00:00:00:01".into(),
+        device_type: "atrium-test".into(),
+        hardware_model: "test-rig".into(),
+        enroll_retry_s: 1,
+        max_backoff_s: 2,
+        inventory_interval_s: 1,
+        ..AgentConfig::default()
+    }
+}
+
+impl TestAgent {
+    pub async fn start(server: &TestServer, serial: &str) -> TestAgent {
+        Self::start_with(server, serial, |_| {}).await
+    }
+
+    pub async fn start_with(
+        server: &TestServer,
+        serial: &str,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> TestAgent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = agent_config(server, &dir, serial);
+        tweak(&mut config);
+        Self::spawn(dir, config)
+    }
+
+    pub fn spawn(dir: TempDir, config: AgentConfig) -> TestAgent {
+        let agent = Agent::new(config.clone()).expect("agent starts");
+        let state = agent.state();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            agent.run(stop).await.expect("agent runs");
+        });
+        TestAgent {
+            dir,
+            state,
+            shutdown,
+            task: Some(task),
+            config,
+        }
+    }
+
+    /// Waits until the state satisfies `pred`; panics with the last state after `timeout`.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&AgentState) -> bool,
+    ) -> AgentState {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = self.state.borrow_and_update().clone();
+            if pred(&current) {
+                return current;
+            }
+            match tokio::time::timeout_at(deadline, self.state.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    panic!("agent stopped while waiting for {what}; last state {current:?}")
+                }
+                Err(_) => {
+                    panic!("timed out after {timeout:?} waiting for {what}; last state {current:?}")
+                }
+            }
+        }
+    }
+
+    pub async fn connected(&mut self) -> String {
+        match self
+            .wait_for("connected", Duration::from_secs(20), |s| {
+                matches!(s, AgentState::Connected { .. })
+            })
+            .await
+        {
+            AgentState::Connected { device_id } => device_id,
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn pending(&mut self) -> String {
+        match self
+            .wait_for("pending", Duration::from_secs(20), |s| {
+                matches!(s, AgentState::Pending { .. })
+            })
+            .await
+        {
+            AgentState::Pending { device_id } => device_id,
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn refused(&mut self) -> String {
+        match self
+            .wait_for("refused", Duration::from_secs(20), |s| {
+                matches!(s, AgentState::Refused { .. })
+            })
+            .await
+        {
+            AgentState::Refused { reason } => reason,
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What the server answered to a link opened with a given certificate.
+#[derive(Debug)]
+pub enum Probe {
+    /// The TLS handshake or upgrade failed.
+    TlsRefused(#[allow(dead_code)] String),
+    /// The server answered hello with an error.
+    Error(u16, String),
+    /// The server welcomed the link.
+    Welcome,
+    /// Something else.
+    Other(#[allow(dead_code)] String),
+}
+
+/// Opens a device link by hand with the key and certificate chain found in an agent's data directory.
+pub async fn probe_link(server: &TestServer, key_path: &std::path::Path, chain_pem: &str) -> Probe {
+    let key: Arc<dyn DeviceKey> = Arc::new(atrium_pki::FileKey::load(key_path).expect("key"));
+    let chain: Vec<CertificateDer<'static>> =
+        atrium_pki::parse_pem_certs(chain_pem).expect("chain");
+    let roots =
+        atrium_pki::parse_pem_certs(&std::fs::read_to_string(server.ca_file()).expect("ca"))
+            .expect("roots");
+    let tls = atrium_pki::tls::client_config(&roots, Some((chain, key))).expect("tls");
+    let tcp = tokio::net::TcpStream::connect(server.config.link_listen)
+        .await
+        .expect("tcp");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let stream = match tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+    {
+        Ok(stream) => stream,
+        Err(e) => return Probe::TlsRefused(e.to_string()),
+    };
+    let (mut ws, _) = match tokio_tungstenite::client_async(server.link_url(), stream).await {
+        Ok(ws) => ws,
+        Err(e) => return Probe::TlsRefused(e.to_string()),
+    };
+    let mut out = SeqCounter::default();
+    let hello = Message::Hello(Hello {
+        agent_version: "probe".into(),
+        min_protocol: 1,
+        max_protocol: 1,
+        features: vec![],
+    });
+    if let Err(e) = ws
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            out.encode(hello).into(),
+        ))
+        .await
+    {
+        return Probe::TlsRefused(e.to_string());
+    }
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(bytes)))) => {
+            match Frame::decode(&bytes).map(|f| f.message) {
+                Ok(Message::Error(e)) => Probe::Error(e.code, e.message),
+                Ok(Message::Welcome(_)) => Probe::Welcome,
+                other => Probe::Other(format!("{other:?}")),
+            }
+        }
+        Ok(Some(Err(e))) => Probe::TlsRefused(e.to_string()),
+        other => Probe::Other(format!("{other:?}")),
+    }
+}

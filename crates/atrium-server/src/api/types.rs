@@ -1,0 +1,193 @@
+//! The REST API's request and response bodies, shared with the `atrium` CLI.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use atrium_proto::enrollment::{
+    EnrollmentRequest, EnrollmentResponse, FactoryProof, IdentityDoc,
+};
+
+/// A device as operators see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeviceView {
+    /// Device id.
+    pub id: String,
+    /// pending, accepted, rejected or decommissioned.
+    pub status: String,
+    /// Why the device has its status.
+    pub status_reason: String,
+    /// Identity attributes from enrollment.
+    pub identity: IdentityDoc,
+    /// SHA-256 of the identity public key, hex.
+    pub key_fingerprint: String,
+    /// How the device was admitted: manual, preauthorized or group:<name>.
+    pub enrollment: String,
+    /// Operator and enrollment-group tags.
+    pub tags: BTreeMap<String, String>,
+    /// Inventory attributes reported by the agent.
+    pub inventory: BTreeMap<String, String>,
+    /// When inventory was last reported (unix ms).
+    pub inventory_updated_ms: Option<i64>,
+    /// First enrollment (unix ms).
+    pub created_ms: i64,
+    /// Last change (unix ms).
+    pub updated_ms: i64,
+    /// Last time the device was heard from (unix ms).
+    pub last_seen_ms: Option<i64>,
+    /// Whether the device has a live link now.
+    pub connected: bool,
+}
+
+/// Body of accept / reject / decommission.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DecisionRequest {
+    /// Why; written to the device record and the audit log.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Pre-authorizes a device by identity and public key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PreauthorizeRequest {
+    /// Identity attributes the device will present (at least the serial).
+    pub identity: IdentityDoc,
+    /// The device's identity public key, PEM (SubjectPublicKeyInfo).
+    pub public_key_pem: String,
+    /// Tags the device gets when it enrolls.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A stored pre-authorization.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PreauthorizationView {
+    /// Id.
+    pub id: String,
+    /// Serial it is for.
+    pub serial: String,
+    /// Key fingerprint it admits.
+    pub key_fingerprint: String,
+    /// Tags given on enrollment.
+    pub tags: BTreeMap<String, String>,
+    /// Unix ms.
+    pub created_ms: i64,
+    /// Who created it.
+    pub created_by: String,
+}
+
+/// Creates an enrollment group for zero-touch enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollmentGroupRequest {
+    /// Unique name.
+    pub name: String,
+    /// The manufacturer CA certificate, PEM.
+    pub ca_pem: String,
+    /// Tags devices of this group get.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Attributes devices of this group get.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// An enrollment group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollmentGroupView {
+    /// Unique name.
+    pub name: String,
+    /// SHA-256 of the manufacturer CA's public key, hex.
+    pub ca_fingerprint: String,
+    /// Subject of the manufacturer CA.
+    pub ca_subject: String,
+    /// Whether devices of this group are admitted.
+    pub enabled: bool,
+    /// Tags devices of this group get.
+    pub tags: BTreeMap<String, String>,
+    /// Attributes devices of this group get.
+    pub attributes: BTreeMap<String, String>,
+    /// Unix ms.
+    pub created_ms: i64,
+}
+
+/// Puts a factory serial on the deny-list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DenySerialRequest {
+    /// The factory serial.
+    pub serial: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A deny-listed factory serial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeniedSerialView {
+    /// The serial.
+    pub serial: String,
+    /// Why.
+    pub reason: String,
+    /// Unix ms.
+    pub created_ms: i64,
+}
+
+/// Creates an API token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenRequest {
+    /// A name for the token (who or what uses it).
+    pub name: String,
+    /// admin, operator or viewer.
+    pub role: String,
+}
+
+/// An API token (the secret itself only in [`NewToken`], once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// admin, operator or viewer.
+    pub role: String,
+    /// Unix ms.
+    pub created_ms: i64,
+    /// Unix ms of last use.
+    pub last_used_ms: Option<i64>,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
+/// A newly created token: the only time its secret is shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NewToken {
+    /// The stored token.
+    pub token: TokenView,
+    /// The secret to put in `Authorization: Bearer ...`.
+    pub secret: String,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditView {
+    /// Position in the log.
+    pub seq: i64,
+    /// Unix ms.
+    pub time_ms: i64,
+    /// Who: token:<name>, device:<id> or system.
+    pub actor: String,
+    /// What, e.g. device.accept.
+    pub action: String,
+    /// On what, e.g. the device id.
+    pub target: String,
+    /// Details of the action.
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+/// An error answer of the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, in words an operator can act on.
+    pub error: String,
+}

@@ -1,0 +1,180 @@
+//! API tokens: the first admin token, bearer authentication and roles.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use atrium_store::{NewAuditEntry, Role, Store};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use base64::Engine as _;
+use rand::RngCore as _;
+use sha2::{Digest, Sha256};
+
+use crate::Ctx;
+use crate::api::error::ApiError;
+use crate::config::ADMIN_TOKEN_FILE;
+
+/// Prefix of every Atrium API token, so secret scanners can find leaked ones.
+const TOKEN_PREFIX: &str = "atr_";
+
+/// A fresh random token secret.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// What the store keeps of a secret: its SHA-256 (tokens are random, so no slow hash is needed).
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// On the very first start (no token exists) creates an admin token and writes it to a 0600 file.
+pub async fn bootstrap_admin_token(
+    store: &Store,
+    data_dir: &Path,
+) -> anyhow::Result<Option<String>> {
+    if store.count_tokens().await? > 0 {
+        return Ok(None);
+    }
+    let secret = new_secret();
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    write_private_file(&path, format!("{secret}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    store
+        .create_token(
+            "admin",
+            Role::Admin,
+            &hash_secret(&secret),
+            crate::audit("system", "token.create", "admin")
+                .with_details(serde_json::json!({ "role": "admin", "bootstrap": true })),
+        )
+        .await?;
+    tracing::info!(path = %path.display(), "created the first admin token");
+    Ok(Some(secret))
+}
+
+/// Writes `bytes` to a new file that only the owner can read, replacing any old one.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The authenticated caller of an API request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `token:<name>`, as written to the audit log.
+    pub actor: String,
+    /// What the token may do.
+    pub role: Role,
+}
+
+fn rank(role: Role) -> u8 {
+    match role {
+        Role::Viewer => 0,
+        Role::Operator => 1,
+        Role::Admin => 2,
+    }
+}
+
+impl Caller {
+    /// Refuses the request unless the caller has at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if rank(self.role) >= rank(role) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this needs the {} role; the token has {}",
+                role.as_str(),
+                self.role.as_str()
+            )))
+        }
+    }
+
+    /// An audit entry for an action of this caller.
+    pub fn audit(&self, action: &str, target: &str) -> NewAuditEntry {
+        crate::audit(&self.actor, action, target)
+    }
+}
+
+impl FromRequestParts<Arc<Ctx>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Ctx>) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::Unauthorized("missing Authorization: Bearer <token>".into())
+            })?;
+        let secret = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::Unauthorized("Authorization must be `Bearer <token>`".into())
+            })?;
+        let token = ctx
+            .store
+            .token_by_hash(&hash_secret(secret))
+            .await?
+            .filter(|t| !t.revoked)
+            .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
+        Ok(Caller {
+            actor: format!("token:{}", token.name),
+            role: token.role,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_random_prefixed_and_hashed() {
+        let a = new_secret();
+        let b = new_secret();
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX) && a.len() > 40);
+        assert_eq!(hash_secret(&a).len(), 64);
+        assert_ne!(hash_secret(&a), hash_secret(&b));
+    }
+
+    #[test]
+    fn roles_are_ordered() {
+        let caller = |role| Caller {
+            actor: "token:t".into(),
+            role,
+        };
+        assert!(caller(Role::Admin).require(Role::Operator).is_ok());
+        assert!(caller(Role::Operator).require(Role::Operator).is_ok());
+        assert!(caller(Role::Viewer).require(Role::Operator).is_err());
+        assert!(caller(Role::Operator).require(Role::Admin).is_err());
+    }
+
+    #[test]
+    fn private_files_are_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        write_private_file(&path, b"x").expect("write");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

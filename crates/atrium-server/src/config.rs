@@ -1,0 +1,180 @@
+//! The server's configuration: one typed struct with defaults, loaded in one place.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file (`--config FILE`), environment
+//! variables `ATRIUM_<FIELD>` (e.g. `ATRIUM_API_LISTEN`, `ATRIUM_DATABASE_URL`), and last the
+//! command-line flags the `atrium server` command passes in as overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Everything the server can be told. Every field has a working default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Directory for the CA keys, the embedded database, the admin token and blobs.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://...`; empty means `sqlite://<data_dir>/atrium.db`.
+    pub database_url: String,
+    /// HTTPS listener for the REST API, enrollment and the dashboard.
+    pub api_listen: SocketAddr,
+    /// mTLS listener for device links.
+    pub link_listen: SocketAddr,
+    /// DNS names and IP addresses the server certificate is valid for.
+    pub server_names: Vec<String>,
+    /// Organisation name written into the CA certificates.
+    pub organization: String,
+    /// Lifetime of a device's operational certificate, in seconds (default 7 days).
+    pub device_cert_validity_s: u64,
+    /// Seconds between heartbeats the server asks agents for.
+    pub heartbeat_s: u32,
+    /// A link silent for this many heartbeats is closed.
+    pub heartbeat_misses: u32,
+    /// Most enrollments written in one database transaction.
+    pub enrollment_batch: usize,
+    /// Seconds a TLS handshake may take before the connection is dropped.
+    pub handshake_timeout_s: u64,
+    /// Largest WebSocket message accepted on a device link, in bytes.
+    pub link_max_message_bytes: usize,
+    /// Log format: "text" or "json".
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            data_dir: PathBuf::from("/var/lib/atrium"),
+            database_url: String::new(),
+            api_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_API_PORT)),
+            link_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_LINK_PORT)),
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            organization: "Atrium".into(),
+            device_cert_validity_s: 7 * 24 * 3600,
+            heartbeat_s: 30,
+            heartbeat_misses: 3,
+            enrollment_batch: 256,
+            handshake_timeout_s: 10,
+            link_max_message_bytes: atrium_proto::MAX_FRAME_BYTES,
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// Default port of the HTTPS API.
+pub const DEFAULT_API_PORT: u16 = 8443;
+/// Default port of the device link.
+pub const DEFAULT_LINK_PORT: u16 = 8444;
+/// File in the data directory that holds the first admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// File in the data directory with the CA bundle agents and the CLI trust.
+pub const CA_BUNDLE_FILE: &str = "ca.pem";
+
+impl ServerConfig {
+    /// Loads defaults, then `file` (if any), then `ATRIUM_*` variables, then `overrides`.
+    pub fn load(
+        file: Option<&Path>,
+        overrides: impl Serialize,
+    ) -> Result<ServerConfig, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(ServerConfig::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let names = Self::field_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        figment
+            .merge(Env::prefixed("ATRIUM_").only(&names))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(Box::new)
+    }
+
+    /// The names of every field: only these `ATRIUM_*` variables configure the server, so the
+    /// CLI's own variables (`ATRIUM_TOKEN`, ...) never trip `deny_unknown_fields`.
+    fn field_names() -> Vec<String> {
+        match serde_json::to_value(ServerConfig::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The database URL, defaulting to SQLite inside the data directory.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("atrium.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// Lifetime of operational certificates.
+    pub fn device_cert_validity(&self) -> Duration {
+        Duration::from_secs(self.device_cert_validity_s)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        heartbeat_s: Option<u32>,
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "atrium.toml",
+                "heartbeat_s = 10\nenrollment_batch = 7\norganization = \"File Org\"\n",
+            )?;
+            jail.set_env("ATRIUM_HEARTBEAT_S", "20");
+            jail.set_env("ATRIUM_ORGANIZATION", "Env Org");
+            jail.set_env("ATRIUM_TOKEN", "belongs to the CLI, not the server");
+            let path = Path::new("atrium.toml");
+
+            let config =
+                ServerConfig::load(Some(path), Flags { heartbeat_s: None }).map_err(|e| *e)?;
+            assert_eq!(config.enrollment_batch, 7, "file beats default");
+            assert_eq!(config.heartbeat_s, 20, "env beats file");
+            assert_eq!(config.organization, "Env Org");
+
+            let config = ServerConfig::load(
+                Some(path),
+                Flags {
+                    heartbeat_s: Some(30),
+                },
+            )
+            .map_err(|e| *e)?;
+            assert_eq!(config.heartbeat_s, 30, "flag beats env");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("atrium.toml", "heartbeats = 10\n")?;
+            let err =
+                ServerConfig::load(Some(Path::new("atrium.toml")), Flags { heartbeat_s: None })
+                    .expect_err("typo must not be ignored");
+            assert!(err.to_string().contains("heartbeats"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn default_database_is_sqlite_in_data_dir() {
+        let config = ServerConfig {
+            data_dir: "/tmp/x".into(),
+            ..ServerConfig::default()
+        };
+        assert_eq!(config.database_url(), "sqlite:///tmp/x/atrium.db");
+    }
+}

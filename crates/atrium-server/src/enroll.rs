@@ -1,0 +1,483 @@
+//! Enrollment: a device's request, the server's decision, and group commit of the results.
+//!
+//! The decision, in order: a key the server already knows keeps its device's status (an
+//! accepted device re-enrolls, e.g. after its certificate expired); a factory certificate that
+//! chains to an enabled enrollment group's CA is accepted at once (zero-touch) unless its serial
+//! is deny-listed; a pre-authorized key is accepted at once; anything else waits, pending, for an
+//! operator. Crypto runs in the request handler; the writes of concurrent requests are collected
+//! by one [`Enroller`] task and committed together, because storage, not crypto, decides speed.
+
+use std::collections::BTreeMap;
+
+use atrium_pki::VerifiedCsr;
+use atrium_store::{
+    CertificateRecord, Device, DeviceStatus, DeviceWrite, EnrollmentKind, EnrollmentWrite,
+    Identity, NewDevice, Store,
+};
+use axum::http::StatusCode;
+use base64::Engine as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::error::ApiError;
+use crate::api::types::{EnrollmentRequest, EnrollmentResponse, FactoryProof, IdentityDoc};
+use crate::{Ctx, now_ms};
+
+/// How far a factory proof's timestamp may be from the server's clock.
+const FACTORY_PROOF_SKEW_MS: i64 = 10 * 60 * 1000;
+/// How long a pending device should wait before asking again.
+const PENDING_RETRY_S: u32 = 30;
+
+type Reply = oneshot::Sender<Result<Device, ApiError>>;
+
+/// Collects enrollment writes from concurrent requests and commits them in batches.
+pub struct Enroller {
+    tx: mpsc::Sender<(EnrollmentWrite, Reply)>,
+}
+
+impl Enroller {
+    /// Starts the batching task.
+    pub fn spawn(
+        store: Store,
+        max_batch: usize,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Enroller {
+        let max_batch = max_batch.max(1);
+        let (tx, mut rx) = mpsc::channel::<(EnrollmentWrite, Reply)>(max_batch * 4);
+        tasks.spawn(async move {
+            let mut writes = Vec::with_capacity(max_batch);
+            let mut replies = Vec::with_capacity(max_batch);
+            loop {
+                let (write, reply) = tokio::select! {
+                    next = rx.recv() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                };
+                writes.push(write);
+                replies.push(reply);
+                while writes.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok((write, reply)) => {
+                            writes.push(write);
+                            replies.push(reply);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match store.enroll_batch(&writes).await {
+                    Ok(results) => {
+                        for (reply, result) in replies.drain(..).zip(results) {
+                            let _ = reply.send(result.map_err(ApiError::from));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, batch = writes.len(), "enrollment batch failed");
+                        for reply in replies.drain(..) {
+                            let _ = reply.send(Err(ApiError::Internal(e.to_string())));
+                        }
+                    }
+                }
+                writes.clear();
+            }
+        });
+        Enroller { tx }
+    }
+
+    /// Queues one write and waits until it is committed (or refused).
+    pub async fn write(&self, write: EnrollmentWrite) -> Result<Device, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((write, reply))
+            .await
+            .map_err(|_| ApiError::Unavailable("server is shutting down".into()))?;
+        rx.await
+            .map_err(|_| ApiError::Unavailable("server is shutting down".into()))?
+    }
+}
+
+/// Checks identity attributes: present, bounded, printable.
+pub fn validate_identity(identity: &IdentityDoc) -> Result<(), ApiError> {
+    fn field(name: &str, value: &str, max: usize) -> Result<(), ApiError> {
+        if value.is_empty() {
+            return Err(ApiError::BadRequest(format!("identity.{name} is empty")));
+        }
+        if value.len() > max {
+            return Err(ApiError::BadRequest(format!(
+                "identity.{name} is longer than {max} bytes"
+            )));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "identity.{name} contains control characters"
+            )));
+        }
+        Ok(())
+    }
+    field("mac", &identity.mac, 64)?;
+    field("serial", &identity.serial, 128)?;
+    field("device_type", &identity.device_type, 128)?;
+    field("hardware_model", &identity.hardware_model, 128)?;
+    if !is_mac(&identity.mac) {
+        return Err(ApiError::BadRequest(format!(
+            "identity.mac {:?} is not a MAC address like aa:bb:cc:dd:ee:ff",
+            identity.mac
+        )));
+    }
+    if identity.extra.len() > 32 {
+        return Err(ApiError::BadRequest(
+            "identity.extra has more than 32 attributes".into(),
+        ));
+    }
+    for (key, value) in &identity.extra {
+        field("extra key", key, 64)?;
+        if value.len() > 256 || value.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "identity.extra.{key} is longer than 256 bytes or contains control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn is_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split([':', '-']).collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+pub fn store_identity(doc: &IdentityDoc) -> Identity {
+    Identity {
+        mac: doc.mac.to_ascii_lowercase().replace('-', ":"),
+        serial: doc.serial.clone(),
+        device_type: doc.device_type.clone(),
+        hardware_model: doc.hardware_model.clone(),
+        extra: doc.extra.clone(),
+    }
+}
+
+/// A factory certificate that was checked against the enrollment groups.
+struct ZeroTouch {
+    group: String,
+    tags: BTreeMap<String, String>,
+    attributes: BTreeMap<String, String>,
+}
+
+/// Handles one enrollment request end to end.
+pub async fn enroll(
+    ctx: &Ctx,
+    request: EnrollmentRequest,
+) -> Result<(StatusCode, EnrollmentResponse), ApiError> {
+    validate_identity(&request.identity)?;
+    let csr = atrium_pki::verify_csr(request.csr_pem.as_bytes())?;
+    let zero_touch = match &request.factory {
+        Some(proof) => Some(check_factory_proof(ctx, &request.identity, &csr, proof).await?),
+        None => None,
+    };
+
+    if let Some(device) = ctx.store.device_by_fingerprint(&csr.fingerprint).await? {
+        return known_key(ctx, device, &csr).await;
+    }
+
+    let now = now_ms();
+    let id = uuid::Uuid::now_v7().to_string();
+    let actor = format!("device:{id}");
+    let (status, reason, enrollment, tags, consumed, mut extra) = if let Some(zt) = zero_touch {
+        (
+            DeviceStatus::Accepted,
+            format!(
+                "zero-touch: factory certificate of enrollment group {}",
+                zt.group
+            ),
+            EnrollmentKind::Group(zt.group),
+            zt.tags,
+            None,
+            zt.attributes,
+        )
+    } else if let Some(pre) = ctx
+        .store
+        .preauthorization_by_fingerprint(&csr.fingerprint)
+        .await?
+    {
+        if pre.identity.serial != request.identity.serial {
+            return Err(ApiError::Forbidden(format!(
+                "the key is pre-authorized for serial {:?}, not {:?}",
+                pre.identity.serial, request.identity.serial
+            )));
+        }
+        (
+            DeviceStatus::Accepted,
+            format!("pre-authorized by {}", pre.created_by),
+            EnrollmentKind::Preauthorized,
+            pre.tags.clone(),
+            Some(pre.id.clone()),
+            BTreeMap::new(),
+        )
+    } else {
+        (
+            DeviceStatus::Pending,
+            "awaiting an operator's decision".to_owned(),
+            EnrollmentKind::Manual,
+            BTreeMap::new(),
+            None,
+            BTreeMap::new(),
+        )
+    };
+
+    let mut identity = store_identity(&request.identity);
+    identity.extra.append(&mut extra);
+    let issued = if status == DeviceStatus::Accepted {
+        Some(
+            ctx.ca
+                .issue_device_cert(&csr, &id, ctx.config.device_cert_validity())?,
+        )
+    } else {
+        None
+    };
+    let mut audit =
+        vec![
+            crate::audit(&actor, "device.enroll", &id).with_details(serde_json::json!({
+                "serial": identity.serial,
+                "mac": identity.mac,
+                "key_fingerprint": csr.fingerprint,
+                "decision": status.as_str(),
+                "reason": reason,
+            })),
+        ];
+    if let Some(cert) = &issued {
+        audit.push(
+            crate::audit("system", "certificate.issue", &id).with_details(
+                serde_json::json!({ "serial": cert.serial_hex, "not_after": cert.not_after_unix }),
+            ),
+        );
+    }
+    let write = EnrollmentWrite {
+        device: DeviceWrite::Insert(NewDevice {
+            id: id.clone(),
+            status,
+            status_reason: reason,
+            identity,
+            key_fingerprint: csr.fingerprint.clone(),
+            public_key_der: csr.spki_der.clone(),
+            enrollment,
+            tags,
+            now_ms: now,
+        }),
+        certificate: issued.as_ref().map(|cert| CertificateRecord {
+            serial_hex: cert.serial_hex.clone(),
+            device_id: id.clone(),
+            issued_ms: now,
+            not_after_ms: cert.not_after_unix.saturating_mul(1000),
+            revoked: false,
+            revoked_ms: None,
+        }),
+        consumed_preauthorization: consumed,
+        audit,
+    };
+    let device = ctx.enroller.write(write).await?;
+    Ok(respond(device, issued.map(|c| c.chain_pem)))
+}
+
+/// A request for a key the server already knows.
+async fn known_key(
+    ctx: &Ctx,
+    device: Device,
+    csr: &VerifiedCsr,
+) -> Result<(StatusCode, EnrollmentResponse), ApiError> {
+    match device.status {
+        DeviceStatus::Pending => Ok(respond(device, None)),
+        DeviceStatus::Rejected => Err(ApiError::Forbidden(format!(
+            "device {} is rejected: {}",
+            device.id, device.status_reason
+        ))),
+        DeviceStatus::Decommissioned => Err(ApiError::Forbidden(format!(
+            "device {} is decommissioned and cannot enroll again with this key",
+            device.id
+        ))),
+        DeviceStatus::Accepted => {
+            let cert = issue_for(ctx, &device.id, csr, "certificate.issue").await?;
+            Ok(respond(device, Some(cert)))
+        }
+    }
+}
+
+/// Issues and records a new operational certificate for an accepted device; returns its PEM chain.
+pub async fn issue_for(
+    ctx: &Ctx,
+    device_id: &str,
+    csr: &VerifiedCsr,
+    action: &str,
+) -> Result<String, ApiError> {
+    let cert = ctx
+        .ca
+        .issue_device_cert(csr, device_id, ctx.config.device_cert_validity())?;
+    let record = CertificateRecord {
+        serial_hex: cert.serial_hex.clone(),
+        device_id: device_id.to_owned(),
+        issued_ms: now_ms(),
+        not_after_ms: cert.not_after_unix.saturating_mul(1000),
+        revoked: false,
+        revoked_ms: None,
+    };
+    ctx.store
+        .record_certificate(
+            &record,
+            crate::audit(&format!("device:{device_id}"), action, device_id).with_details(
+                serde_json::json!({ "serial": cert.serial_hex, "not_after": cert.not_after_unix }),
+            ),
+        )
+        .await?;
+    Ok(cert.chain_pem)
+}
+
+fn respond(device: Device, certificate_pem: Option<String>) -> (StatusCode, EnrollmentResponse) {
+    let accepted = certificate_pem.is_some();
+    (
+        if accepted {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        },
+        EnrollmentResponse {
+            status: if accepted { "accepted" } else { "pending" }.to_owned(),
+            device_id: device.id,
+            certificate_pem,
+            retry_after_s: (!accepted).then_some(PENDING_RETRY_S),
+        },
+    )
+}
+
+/// Verifies a zero-touch proof: chain to an enabled group's CA, serial not denied, fresh
+/// signature by the factory key over this CSR.
+async fn check_factory_proof(
+    ctx: &Ctx,
+    identity: &IdentityDoc,
+    csr: &VerifiedCsr,
+    proof: &FactoryProof,
+) -> Result<ZeroTouch, ApiError> {
+    let chain = atrium_pki::parse_pem_certs(&proof.chain_pem)?;
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(ApiError::BadRequest(
+            "factory.chain_pem holds no certificate".into(),
+        ));
+    };
+    let intermediates: Vec<Vec<u8>> = intermediates.iter().map(|c| c.to_vec()).collect();
+    let groups = ctx.store.enrollment_groups().await?;
+    let anchors: Vec<Vec<u8>> = groups
+        .iter()
+        .map(|g| {
+            atrium_pki::parse_pem_certs(&g.ca_pem)
+                .ok()
+                .and_then(|certs| certs.into_iter().next())
+                .map(|c| c.to_vec())
+                .unwrap_or_default()
+        })
+        .collect();
+    let now = now_ms();
+    let factory = atrium_pki::verify_factory_chain(leaf, &intermediates, &anchors, now / 1000)
+        .map_err(|e| ApiError::Forbidden(format!("factory certificate refused: {e}")))?;
+    let Some(group) = groups.get(factory.anchor_index) else {
+        return Err(ApiError::Internal(
+            "factory anchor index out of range".into(),
+        ));
+    };
+    if !group.enabled {
+        return Err(ApiError::Forbidden(format!(
+            "enrollment group {} is disabled",
+            group.name
+        )));
+    }
+    if ctx.store.is_serial_denied(&factory.serial).await? {
+        return Err(ApiError::Forbidden(format!(
+            "factory serial {} is on the deny-list",
+            factory.serial
+        )));
+    }
+    if factory.serial != identity.serial {
+        return Err(ApiError::Forbidden(format!(
+            "identity.serial {:?} does not match the factory certificate's serial {:?}",
+            identity.serial, factory.serial
+        )));
+    }
+    if (proof.timestamp_ms - now).abs() > FACTORY_PROOF_SKEW_MS {
+        return Err(ApiError::Forbidden(
+            "factory proof timestamp is more than 10 minutes from the server's clock".into(),
+        ));
+    }
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(proof.signature_b64.trim())
+        .map_err(|_| ApiError::BadRequest("factory.signature_b64 is not base64".into()))?;
+    atrium_pki::verify_signature(
+        &factory.spki_der,
+        &atrium_pki::factory_proof_message(&csr.der, proof.timestamp_ms),
+        &signature,
+    )
+    .map_err(|_| {
+        ApiError::Forbidden("factory proof signature does not verify with the factory key".into())
+    })?;
+    Ok(ZeroTouch {
+        group: group.name.clone(),
+        tags: group.tags.clone(),
+        attributes: group.attributes.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> IdentityDoc {
+        IdentityDoc {
+            mac: "02:00:00:aa:bb:cc".into(),
+            serial: "SN-1".into(),
+            device_type: "atrium-gw".into(),
+            hardware_model: "nuc".into(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn identity_validation_table() {
+        type Case = (fn(&mut IdentityDoc), Option<&'static str>);
+        let cases: Vec<Case> = vec![
+            (|_| {}, None),
+            (|d| d.mac = "02-00-00-AA-BB-CC".into(), None),
+            (|d| d.mac = "nonsense".into(), Some("not a MAC")),
+            (|d| d.serial = String::new(), Some("serial is empty")),
+            (|d| d.serial = "x".repeat(129), Some("longer than 128")),
+            (
+                |d| d.device_type = "a\nb".into(),
+                Some("control characters"),
+            ),
+            (
+                |d| {
+                    for i in 0..33 {
+                        d.extra.insert(format!("k{i}"), "v".into());
+                    }
+                },
+                Some("more than 32"),
+            ),
+        ];
+        for (change, want) in cases {
+            let mut d = doc();
+            change(&mut d);
+            match (validate_identity(&d), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(text)) => assert!(e.to_string().contains(text), "{e}"),
+                (got, want) => panic!("{d:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn macs_are_normalised() {
+        let mut d = doc();
+        d.mac = "02-00-00-AA-BB-CC".into();
+        assert_eq!(store_identity(&d).mac, "02:00:00:aa:bb:cc");
+    }
+}

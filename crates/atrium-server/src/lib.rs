@@ -1,0 +1,194 @@
+//! The Atrium server: device identity and lifecycle, the device link, the REST API.
+//!
+//! [`start`] brings up one server node from a [`ServerConfig`]: it opens the store (running
+//! migrations), loads or creates the CA, bootstraps the first admin token, and serves two
+//! listeners: HTTPS for the REST API and enrollment ([`api`]), and mutual TLS for device
+//! links ([`link`]). Everything shares one [`Ctx`].
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod auth;
+pub mod config;
+mod enroll;
+mod http;
+mod link;
+mod registry;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use atrium_pki::CertificateAuthority;
+use atrium_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::ServerConfig;
+pub use registry::LinkRegistry;
+
+/// What every part of a running server node shares.
+pub struct Ctx {
+    /// The configuration the node started with.
+    pub config: ServerConfig,
+    /// The database.
+    pub store: Store,
+    /// The built-in certificate authority.
+    pub ca: CertificateAuthority,
+    /// Live device links of this node.
+    pub links: LinkRegistry,
+    enroller: enroll::Enroller,
+}
+
+/// A server node that is serving; dropping it does not stop it, [`RunningServer::shutdown`] does.
+pub struct RunningServer {
+    /// Where the HTTPS API listens.
+    pub api_addr: SocketAddr,
+    /// Where device links connect.
+    pub link_addr: SocketAddr,
+    /// The shared state, for tests and embedding (the demo).
+    pub ctx: Arc<Ctx>,
+    /// The admin token, when this start created it (first start).
+    pub created_admin_token: Option<String>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RunningServer {
+    /// The CA bundle agents and clients trust, PEM.
+    pub fn ca_bundle_pem(&self) -> String {
+        self.ctx.ca.bundle_pem()
+    }
+
+    /// Stops accepting, closes every link and waits for the tasks to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Starts a server node.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    create_private_dir(&config.data_dir)?;
+    let store = Store::open(&config.database_url())
+        .await
+        .with_context(|| format!("opening the database {}", redact(&config.database_url())))?;
+    let ca =
+        CertificateAuthority::load_or_create(&config.data_dir.join("ca"), &config.organization)
+            .context("loading the certificate authority")?;
+    std::fs::write(
+        config.data_dir.join(config::CA_BUNDLE_FILE),
+        ca.bundle_pem(),
+    )
+    .context("writing the CA bundle")?;
+    let created_admin_token = auth::bootstrap_admin_token(&store, &config.data_dir).await?;
+    let server_identity = ca
+        .issue_server_cert(&config.server_names, Duration::from_secs(365 * 24 * 3600))
+        .context("issuing the server certificate")?;
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let enroller = enroll::Enroller::spawn(
+        store.clone(),
+        config.enrollment_batch,
+        &tasks,
+        shutdown.clone(),
+    );
+    let ctx = Arc::new(Ctx {
+        config,
+        store,
+        ca,
+        links: LinkRegistry::default(),
+        enroller,
+    });
+
+    let api_listener = TcpListener::bind(ctx.config.api_listen)
+        .await
+        .with_context(|| format!("binding the API listener {}", ctx.config.api_listen))?;
+    let link_listener = TcpListener::bind(ctx.config.link_listen)
+        .await
+        .with_context(|| format!("binding the link listener {}", ctx.config.link_listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let link_addr = link_listener.local_addr()?;
+
+    let api_tls = atrium_pki::tls::server_config(&server_identity)?;
+    let link_tls =
+        atrium_pki::tls::server_config_client_auth(&server_identity, &[ctx.ca.root_der()])?;
+    tasks.spawn(http::serve(
+        api_listener,
+        api_tls,
+        api::router(ctx.clone()),
+        Duration::from_secs(ctx.config.handshake_timeout_s),
+        shutdown.clone(),
+    ));
+    tasks.spawn(link::serve(
+        link_listener,
+        link_tls,
+        ctx.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    tasks.spawn(link::flush_last_seen(ctx.clone(), shutdown.clone()));
+    tracing::info!(%api_addr, %link_addr, "atrium server started");
+    Ok(RunningServer {
+        api_addr,
+        link_addr,
+        ctx,
+        created_admin_token,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Creates `dir` (and parents) readable by the owner only.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))?;
+    Ok(())
+}
+
+/// The URL without its password, fit for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _password)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+/// An audit entry stamped now.
+pub(crate) fn audit(actor: &str, action: &str, target: &str) -> atrium_store::NewAuditEntry {
+    atrium_store::NewAuditEntry::new(now_ms(), actor, action, target)
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("sqlite:///x/y.db"), "sqlite:///x/y.db");
+    }
+}

@@ -1,0 +1,151 @@
+//! The live device links of this server node, so a lifecycle decision can reach them at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+/// What the rest of the server can tell a link task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close the link now, telling the agent why.
+    Close(String),
+}
+
+struct Entry {
+    conn: u64,
+    control: mpsc::Sender<Control>,
+}
+
+/// Device id -> the one live link of that device on this node.
+#[derive(Default)]
+pub struct LinkRegistry {
+    links: Mutex<HashMap<String, Entry>>,
+    seen: Mutex<HashSet<String>>,
+    next_conn: AtomicU64,
+}
+
+/// Proof of registration: removing needs it, so a newer link of the same device is never
+/// removed by an older one that is shutting down.
+#[derive(Debug)]
+pub struct Registration {
+    /// The device.
+    pub device_id: String,
+    conn: u64,
+}
+
+impl LinkRegistry {
+    /// Registers a link; an older link of the same device is told to close.
+    pub fn register(&self, device_id: &str, control: mpsc::Sender<Control>) -> Registration {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let old = self
+            .lock_links()
+            .insert(device_id.to_owned(), Entry { conn, control });
+        if let Some(old) = old {
+            // try_send: a full channel means the old link is already closing.
+            let _ = old.control.try_send(Control::Close(
+                "replaced by a newer link of the same device".into(),
+            ));
+        }
+        Registration {
+            device_id: device_id.to_owned(),
+            conn,
+        }
+    }
+
+    /// Removes the link if it is still the registered one.
+    pub fn unregister(&self, registration: &Registration) {
+        let mut links = self.lock_links();
+        if links
+            .get(&registration.device_id)
+            .is_some_and(|e| e.conn == registration.conn)
+        {
+            links.remove(&registration.device_id);
+        }
+    }
+
+    /// Tells the device's link, if any, to close; returns whether there was one.
+    pub fn disconnect(&self, device_id: &str, reason: &str) -> bool {
+        let control = self.lock_links().get(device_id).map(|e| e.control.clone());
+        match control {
+            Some(control) => {
+                let _ = control.try_send(Control::Close(reason.to_owned()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the device has a live link on this node.
+    pub fn is_connected(&self, device_id: &str) -> bool {
+        self.lock_links().contains_key(device_id)
+    }
+
+    /// Number of live links.
+    pub fn len(&self) -> usize {
+        self.lock_links().len()
+    }
+
+    /// Whether there are no live links.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Notes that a device was heard from; flushed to storage in batches.
+    pub fn mark_seen(&self, device_id: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(device_id) {
+            seen.insert(device_id.to_owned());
+        }
+    }
+
+    /// Takes the devices heard from since the last call.
+    pub fn take_seen(&self) -> Vec<String> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.drain().collect()
+    }
+
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave the map half-updated (single inserts and
+        // removes), so a poisoned lock is still usable.
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn newer_link_replaces_older_and_older_cannot_unregister_it() {
+        let registry = LinkRegistry::default();
+        let (tx1, mut rx1) = mpsc::channel(1);
+        let (tx2, mut rx2) = mpsc::channel(1);
+        let first = registry.register("d1", tx1);
+        let second = registry.register("d1", tx2);
+        assert!(matches!(rx1.recv().await, Some(Control::Close(_))));
+        registry.unregister(&first);
+        assert!(registry.is_connected("d1"));
+        assert!(registry.disconnect("d1", "decommissioned"));
+        assert_eq!(
+            rx2.recv().await,
+            Some(Control::Close("decommissioned".into()))
+        );
+        registry.unregister(&second);
+        assert!(!registry.is_connected("d1"));
+        assert!(!registry.disconnect("d1", "again"));
+    }
+
+    #[test]
+    fn seen_devices_are_taken_once() {
+        let registry = LinkRegistry::default();
+        registry.mark_seen("a");
+        registry.mark_seen("a");
+        registry.mark_seen("b");
+        let mut seen = registry.take_seen();
+        seen.sort();
+        assert_eq!(seen, vec!["a", "b"]);
+        assert!(registry.take_seen().is_empty());
+    }
+}

@@ -1,0 +1,133 @@
+//! The CLI's connection to a server's REST API.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Where the server is and how to authenticate; flags beat `ATRIUM_*` variables beat defaults.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// The server's API URL.
+    #[arg(
+        long,
+        env = "ATRIUM_SERVER",
+        default_value = "https://localhost:8443",
+        global = true
+    )]
+    pub server: String,
+    /// API token (prefer ATRIUM_TOKEN or --token-file: flags show up in process lists).
+    #[arg(long, env = "ATRIUM_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// File holding the API token; default <data-dir>/admin.token.
+    #[arg(long, env = "ATRIUM_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// CA bundle to trust; default <data-dir>/ca.pem.
+    #[arg(long, env = "ATRIUM_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// The server's data directory, for the default token and CA files on the server's machine.
+    #[arg(
+        long = "data-dir",
+        env = "ATRIUM_DATA_DIR",
+        default_value = "/var/lib/atrium",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+}
+
+/// An authenticated API client.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+fn read_trimmed(path: &Path, what: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the {what} {}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
+impl Connection {
+    /// Builds a client that trusts only the configured CA.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(file)) => read_trimmed(file, "token file")?,
+            (None, None) => read_trimmed(
+                &self.data_dir.join(atrium_server::config::ADMIN_TOKEN_FILE),
+                "token file (set ATRIUM_TOKEN or --token-file)",
+            )?,
+        };
+        let ca_path = self
+            .ca_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(atrium_server::config::CA_BUNDLE_FILE));
+        let ca = std::fs::read_to_string(&ca_path).with_context(|| {
+            format!(
+                "reading the CA bundle {} (set ATRIUM_CA_FILE or --ca-file)",
+                ca_path.display()
+            )
+        })?;
+        let roots = atrium_pki::parse_pem_certs(&ca)?;
+        let tls = atrium_pki::tls::client_config(&roots, None)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Client {
+            http,
+            base: self.server.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+}
+
+impl Client {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .json()
+                .await
+                .context("unreadable answer from the server");
+        }
+        let reason = response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        bail!("{status}: {reason}")
+    }
+
+    /// GET a JSON resource.
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base)).query(query))
+            .await
+    }
+
+    /// POST a JSON body.
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+}

@@ -1,0 +1,686 @@
+//! `atrium`: the server and its admin CLI.
+#![forbid(unsafe_code)]
+
+mod client;
+mod demo;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use atrium_server::ServerConfig;
+use atrium_server::api::types::*;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use client::Connection;
+
+/// Atrium: rooms, ventilation and the gateway fleet, in one server.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the server.
+    Server(ServerFlags),
+    /// Runs a demo: a server on localhost with simulated gateways running the real agent.
+    Demo(demo::DemoArgs),
+    /// Devices: list, inspect, accept, reject, decommission, pre-authorize.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// Enrollment groups for zero-touch enrollment, and the factory-serial deny-list.
+    #[command(subcommand, name = "enrollment-groups")]
+    EnrollmentGroups(GroupsCmd),
+    /// The built-in certificate authority.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Reads the audit log.
+    Audit(AuditArgs),
+    /// API tokens.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
+    /// Rooms science.
+    #[command(subcommand)]
+    Rooms(RoomsCmd),
+}
+
+/// Flags of `atrium server`; they override the file and `ATRIUM_*` variables.
+#[derive(clap::Args, Serialize)]
+struct ServerFlags {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Data directory (CA, database, admin token).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// `sqlite://PATH` or `postgres://...`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database_url: Option<String>,
+    /// HTTPS API address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_listen: Option<std::net::SocketAddr>,
+    /// Device-link address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum DevicesCmd {
+    /// Lists devices.
+    List {
+        /// Only this status: pending, accepted, rejected, decommissioned.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Shows one device with its inventory.
+    Show {
+        /// Device id.
+        id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Accepts a pending device.
+    Accept(Decision),
+    /// Rejects a device; its link closes at once.
+    Reject(Decision),
+    /// Decommissions a device for good; its link closes at once.
+    Decommission(Decision),
+    /// Pre-authorizes a device by serial and public key.
+    Preauthorize {
+        /// Hardware serial the device will present.
+        #[arg(long)]
+        serial: String,
+        /// MAC address the device will present.
+        #[arg(long)]
+        mac: String,
+        /// Device type.
+        #[arg(long)]
+        device_type: String,
+        /// Hardware model.
+        #[arg(long, default_value = "unknown")]
+        hardware_model: String,
+        /// The device's public key (PEM).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// Tags, `key=value`, repeatable.
+        #[arg(long = "tag", value_parser = key_value)]
+        tags: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(clap::Args)]
+struct Decision {
+    /// Device id.
+    id: String,
+    /// Why (recorded with the device and in the audit log).
+    #[arg(long, default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Subcommand)]
+enum GroupsCmd {
+    /// Adds a group: devices with a factory certificate from CA enroll at once.
+    Add {
+        /// Group name.
+        name: String,
+        /// Manufacturer CA certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Tags for the group's devices, `key=value`, repeatable.
+        #[arg(long = "tag", value_parser = key_value)]
+        tags: Vec<(String, String)>,
+        /// Attributes for the group's devices, `key=value`, repeatable.
+        #[arg(long = "attribute", value_parser = key_value)]
+        attributes: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Lists groups.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Disables a group.
+    Disable {
+        /// Group name.
+        name: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Enables a group again.
+    Enable {
+        /// Group name.
+        name: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Puts a factory serial on the deny-list.
+    Deny {
+        /// Factory serial.
+        serial: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Lists deny-listed serials.
+    Denied {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Prints the CA bundle agents must trust (from the data directory).
+    Export {
+        /// The server's data directory.
+        #[arg(long, env = "ATRIUM_DATA_DIR", default_value = "/var/lib/atrium")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// Only entries after this sequence number.
+    #[arg(long)]
+    since: Option<i64>,
+    /// Only entries about this target.
+    #[arg(long)]
+    target: Option<String>,
+    /// Only actions starting with this.
+    #[arg(long)]
+    action: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: i64,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Creates a token and prints its secret once.
+    Create {
+        /// Name of the token.
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Lists tokens.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Revokes a token.
+    Revoke {
+        /// Token id.
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoomsCmd {
+    /// Replays a labelled data set through the rooms engine and prints `name: value` lines.
+    Eval {
+        /// uci-occupancy or room-occupancy-estimation.
+        #[arg(long)]
+        format: String,
+        /// File the engine may calibrate on.
+        #[arg(long)]
+        train: PathBuf,
+        /// File it is scored on.
+        #[arg(long)]
+        test: PathBuf,
+    },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+fn print<T: Serialize>(json: bool, value: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table(value);
+    }
+    Ok(())
+}
+
+fn when(ms: Option<i64>) -> String {
+    ms.and_then(|ms| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+    })
+    .and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+fn device_table(devices: &[DeviceView]) {
+    println!(
+        "{:<36}  {:<14}  {:<9}  {:<16}  {:<18}  LAST SEEN",
+        "ID", "STATUS", "LINK", "SERIAL", "TYPE"
+    );
+    for d in devices {
+        println!(
+            "{:<36}  {:<14}  {:<9}  {:<16}  {:<18}  {}",
+            d.id,
+            d.status,
+            if d.connected { "connected" } else { "-" },
+            d.identity.serial,
+            d.identity.device_type,
+            when(d.last_seen_ms)
+        );
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Server(flags) => serve(flags).await,
+        Command::Demo(args) => {
+            init_logging("text");
+            demo::run(args).await
+        }
+        Command::Devices(cmd) => devices(cmd).await,
+        Command::EnrollmentGroups(cmd) => groups(cmd).await,
+        Command::Ca(CaCmd::Export { data_dir }) => {
+            let path = data_dir.join(atrium_server::config::CA_BUNDLE_FILE);
+            let bundle = std::fs::read_to_string(&path).with_context(|| {
+                format!("reading {} (has the server started once?)", path.display())
+            })?;
+            print!("{bundle}");
+            Ok(())
+        }
+        Command::Audit(args) => {
+            let client = args.conn.client()?;
+            let mut query = vec![("limit", args.limit.to_string())];
+            if let Some(since) = args.since {
+                query.push(("since", since.to_string()));
+            }
+            if let Some(target) = args.target {
+                query.push(("target", target));
+            }
+            if let Some(action) = args.action {
+                query.push(("action", action));
+            }
+            let entries: Vec<AuditView> = client.get("/api/v1/audit", &query).await?;
+            print(args.json, &entries, |entries| {
+                for e in entries {
+                    println!(
+                        "{:>6}  {}  {:<28}  {:<26}  {}  {}",
+                        e.seq,
+                        when(Some(e.time_ms)),
+                        e.actor,
+                        e.action,
+                        e.target,
+                        e.details
+                    );
+                }
+            })
+        }
+        Command::Tokens(cmd) => tokens(cmd).await,
+        Command::Rooms(RoomsCmd::Eval {
+            format,
+            train,
+            test,
+        }) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let format = format
+                .parse::<atrium_rooms::eval::DatasetFormat>()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let report = atrium_rooms::eval::evaluate(format, &read(&train)?, &read(&test)?)?;
+            print!("{report}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(flags: ServerFlags) -> anyhow::Result<()> {
+    let config =
+        ServerConfig::load(flags.config.as_deref(), &flags).context("reading the configuration")?;
+    init_logging(&config.log_format);
+    let server = atrium_server::start(config.clone()).await?;
+    let token_file = config
+        .data_dir
+        .join(atrium_server::config::ADMIN_TOKEN_FILE);
+    println!("atrium server running");
+    println!("  API (HTTPS):  https://{}", server.api_addr);
+    println!("  device link:  wss://{}", server.link_addr);
+    println!(
+        "  CA bundle:    {}",
+        config
+            .data_dir
+            .join(atrium_server::config::CA_BUNDLE_FILE)
+            .display()
+    );
+    if server.created_admin_token.is_some() {
+        println!("  admin token:  written to {} (0600)", token_file.display());
+    }
+    wait_for_signal().await;
+    println!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATRIUM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+async fn devices(cmd: DevicesCmd) -> anyhow::Result<()> {
+    match cmd {
+        DevicesCmd::List {
+            status,
+            limit,
+            json,
+            conn,
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(status) = status {
+                query.push(("status", status));
+            }
+            let devices: Vec<DeviceView> = conn.client()?.get("/api/v1/devices", &query).await?;
+            print(json, &devices, |d| device_table(d))
+        }
+        DevicesCmd::Show { id, json, conn } => {
+            let device: DeviceView = conn
+                .client()?
+                .get(&format!("/api/v1/devices/{id}"), &[])
+                .await?;
+            print(json, &device, |d| {
+                println!("id:              {}", d.id);
+                println!("status:          {} ({})", d.status, d.status_reason);
+                println!("enrollment:      {}", d.enrollment);
+                println!("connected:       {}", d.connected);
+                println!("last seen:       {}", when(d.last_seen_ms));
+                println!("serial:          {}", d.identity.serial);
+                println!("mac:             {}", d.identity.mac);
+                println!("device type:     {}", d.identity.device_type);
+                println!("hardware model:  {}", d.identity.hardware_model);
+                println!("key fingerprint: {}", d.key_fingerprint);
+                for (k, v) in &d.tags {
+                    println!("tag:             {k}={v}");
+                }
+                for (k, v) in &d.identity.extra {
+                    println!("attribute:       {k}={v}");
+                }
+                println!("inventory ({}):", when(d.inventory_updated_ms));
+                for (k, v) in &d.inventory {
+                    println!("  {k}: {v}");
+                }
+            })
+        }
+        DevicesCmd::Accept(d) => decide(d, "accept").await,
+        DevicesCmd::Reject(d) => decide(d, "reject").await,
+        DevicesCmd::Decommission(d) => decide(d, "decommission").await,
+        DevicesCmd::Preauthorize {
+            serial,
+            mac,
+            device_type,
+            hardware_model,
+            public_key,
+            tags,
+            conn,
+        } => {
+            let public_key_pem = std::fs::read_to_string(&public_key)
+                .with_context(|| format!("reading {}", public_key.display()))?;
+            let request = PreauthorizeRequest {
+                identity: IdentityDoc {
+                    mac,
+                    serial,
+                    device_type,
+                    hardware_model,
+                    extra: BTreeMap::new(),
+                },
+                public_key_pem,
+                tags: tags.into_iter().collect(),
+            };
+            let pre: PreauthorizationView = conn
+                .client()?
+                .post("/api/v1/preauthorizations", &request)
+                .await?;
+            println!(
+                "pre-authorized serial {} with key {}",
+                pre.serial, pre.key_fingerprint
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn decide(d: Decision, action: &str) -> anyhow::Result<()> {
+    let device: DeviceView = d
+        .conn
+        .client()?
+        .post(
+            &format!("/api/v1/devices/{}/{action}", d.id),
+            &DecisionRequest { reason: d.reason },
+        )
+        .await?;
+    println!(
+        "{}: {} ({})",
+        device.id, device.status, device.status_reason
+    );
+    Ok(())
+}
+
+async fn groups(cmd: GroupsCmd) -> anyhow::Result<()> {
+    match cmd {
+        GroupsCmd::Add {
+            name,
+            ca,
+            tags,
+            attributes,
+            conn,
+        } => {
+            let ca_pem = std::fs::read_to_string(&ca)
+                .with_context(|| format!("reading {}", ca.display()))?;
+            let group: EnrollmentGroupView = conn
+                .client()?
+                .post(
+                    "/api/v1/enrollment-groups",
+                    &EnrollmentGroupRequest {
+                        name,
+                        ca_pem,
+                        tags: tags.into_iter().collect(),
+                        attributes: attributes.into_iter().collect(),
+                    },
+                )
+                .await?;
+            println!(
+                "added enrollment group {} (CA {}, {})",
+                group.name, group.ca_subject, group.ca_fingerprint
+            );
+            Ok(())
+        }
+        GroupsCmd::List { json, conn } => {
+            let groups: Vec<EnrollmentGroupView> =
+                conn.client()?.get("/api/v1/enrollment-groups", &[]).await?;
+            print(json, &groups, |groups| {
+                println!("{:<20}  {:<8}  {:<40}  TAGS", "NAME", "ENABLED", "CA");
+                for g in groups {
+                    let tags: Vec<String> =
+                        g.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!(
+                        "{:<20}  {:<8}  {:<40}  {}",
+                        g.name,
+                        g.enabled,
+                        g.ca_subject,
+                        tags.join(",")
+                    );
+                }
+            })
+        }
+        GroupsCmd::Disable { name, conn } => set_group(conn, &name, "disable").await,
+        GroupsCmd::Enable { name, conn } => set_group(conn, &name, "enable").await,
+        GroupsCmd::Deny {
+            serial,
+            reason,
+            conn,
+        } => {
+            let denied: DeniedSerialView = conn
+                .client()?
+                .post(
+                    "/api/v1/denied-serials",
+                    &DenySerialRequest { serial, reason },
+                )
+                .await?;
+            println!("factory serial {} is deny-listed", denied.serial);
+            Ok(())
+        }
+        GroupsCmd::Denied { json, conn } => {
+            let list: Vec<DeniedSerialView> =
+                conn.client()?.get("/api/v1/denied-serials", &[]).await?;
+            print(json, &list, |list| {
+                for d in list {
+                    println!(
+                        "{:<24}  {}  {}",
+                        d.serial,
+                        when(Some(d.created_ms)),
+                        d.reason
+                    );
+                }
+            })
+        }
+    }
+}
+
+async fn set_group(conn: Connection, name: &str, action: &str) -> anyhow::Result<()> {
+    let group: EnrollmentGroupView = conn
+        .client()?
+        .post(
+            &format!("/api/v1/enrollment-groups/{name}/{action}"),
+            &serde_json::json!({}),
+        )
+        .await?;
+    println!(
+        "enrollment group {} is {}",
+        group.name,
+        if group.enabled { "enabled" } else { "disabled" }
+    );
+    Ok(())
+}
+
+async fn tokens(cmd: TokensCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokensCmd::Create { name, role, conn } => {
+            let new: NewToken = conn
+                .client()?
+                .post("/api/v1/tokens", &TokenRequest { name, role })
+                .await?;
+            eprintln!(
+                "created token {} ({}); its secret is shown only now:",
+                new.token.name, new.token.role
+            );
+            println!("{}", new.secret);
+            Ok(())
+        }
+        TokensCmd::List { json, conn } => {
+            let tokens: Vec<TokenView> = conn.client()?.get("/api/v1/tokens", &[]).await?;
+            print(json, &tokens, |tokens| {
+                println!(
+                    "{:<36}  {:<16}  {:<8}  {:<7}  CREATED",
+                    "ID", "NAME", "ROLE", "REVOKED"
+                );
+                for t in tokens {
+                    println!(
+                        "{:<36}  {:<16}  {:<8}  {:<7}  {}",
+                        t.id,
+                        t.name,
+                        t.role,
+                        t.revoked,
+                        when(Some(t.created_ms))
+                    );
+                }
+            })
+        }
+        TokensCmd::Revoke { id, conn } => {
+            let token: TokenView = conn
+                .client()?
+                .post(
+                    &format!("/api/v1/tokens/{id}/revoke"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("revoked token {} ({})", token.name, token.id);
+            Ok(())
+        }
+    }
+}
