@@ -61,8 +61,8 @@ pub async fn until_accepted(
     shutdown: &CancellationToken,
 ) -> Option<Vec<CertificateDer<'static>>> {
     let mut failures: u32 = 0;
+    agent.set_state(AgentState::Enrolling);
     loop {
-        agent.set_state(AgentState::Enrolling);
         let wait = match attempt(agent, http).await {
             Attempt::Accepted(chain_pem) => match store(agent, &chain_pem) {
                 Ok(chain) => return Some(chain),

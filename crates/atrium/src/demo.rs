@@ -84,8 +84,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let name = serial.clone();
         let cli_flags = cli_flags.clone();
         tokio::spawn(async move {
+            let mut last = AgentState::Starting;
             while state.changed().await.is_ok() {
                 let now = state.borrow().clone();
+                if now == last {
+                    continue;
+                }
+                last = now.clone();
                 match now {
                     AgentState::Pending { device_id } => println!(
                         "gateway {name}: pending. Accept it with:\n  atrium devices accept {device_id} {cli_flags}"

@@ -334,7 +334,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Server(flags) => serve(flags).await,
         Command::Demo(args) => {
-            init_logging("text");
+            // The demo prints what matters itself; logs only for warnings unless asked.
+            if std::env::var_os("ATRIUM_LOG").is_none() {
+                tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+                    .init();
+            } else {
+                init_logging("text");
+            }
             demo::run(args).await
         }
         Command::Devices(cmd) => devices(cmd).await,
