@@ -65,3 +65,170 @@ pub struct EnrollmentResponse {
     #[serde(default)]
     pub retry_after_s: Option<u32>,
 }
+
+/// Largest enrollment request body a server reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Why an enrollment request was refused before any cryptography ran.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnrollmentError {
+    /// The body is larger than [`MAX_REQUEST_BYTES`].
+    #[error("enrollment request larger than {MAX_REQUEST_BYTES} bytes")]
+    TooLarge,
+    /// The body is not the JSON of an [`EnrollmentRequest`].
+    #[error("malformed enrollment request: {0}")]
+    Malformed(String),
+    /// An identity attribute is missing, too long or not printable.
+    #[error("{0}")]
+    Identity(String),
+}
+
+impl IdentityDoc {
+    /// Checks the attributes: present, bounded, printable, and a MAC that looks like one.
+    pub fn validate(&self) -> Result<(), EnrollmentError> {
+        fn field(name: &str, value: &str, max: usize) -> Result<(), EnrollmentError> {
+            let problem = if value.is_empty() {
+                "is empty".to_owned()
+            } else if value.len() > max {
+                format!("is longer than {max} bytes")
+            } else if value.chars().any(char::is_control) {
+                "contains control characters".to_owned()
+            } else {
+                return Ok(());
+            };
+            Err(EnrollmentError::Identity(format!(
+                "identity.{name} {problem}"
+            )))
+        }
+        field("mac", &self.mac, 64)?;
+        field("serial", &self.serial, 128)?;
+        field("device_type", &self.device_type, 128)?;
+        field("hardware_model", &self.hardware_model, 128)?;
+        if !is_mac(&self.mac) {
+            return Err(EnrollmentError::Identity(format!(
+                "identity.mac {:?} is not a MAC address like aa:bb:cc:dd:ee:ff",
+                self.mac
+            )));
+        }
+        if self.extra.len() > 32 {
+            return Err(EnrollmentError::Identity(
+                "identity.extra has more than 32 attributes".into(),
+            ));
+        }
+        for (key, value) in &self.extra {
+            field("extra key", key, 64)?;
+            if value.len() > 256 || value.chars().any(char::is_control) {
+                return Err(EnrollmentError::Identity(format!(
+                    "identity.extra.{key} is longer than 256 bytes or contains control characters"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The MAC address in canonical form: lower case, colon-separated.
+    pub fn canonical_mac(&self) -> String {
+        self.mac.to_ascii_lowercase().replace('-', ":")
+    }
+}
+
+fn is_mac(mac: &str) -> bool {
+    let mut parts = 0;
+    for part in mac.split([':', '-']) {
+        parts += 1;
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+    }
+    parts == 6
+}
+
+impl EnrollmentRequest {
+    /// Parses and checks a request body: size, JSON shape, identity attributes (not the CSR).
+    pub fn parse(body: &[u8]) -> Result<EnrollmentRequest, EnrollmentError> {
+        if body.len() > MAX_REQUEST_BYTES {
+            return Err(EnrollmentError::TooLarge);
+        }
+        let request: EnrollmentRequest =
+            serde_json::from_slice(body).map_err(|e| EnrollmentError::Malformed(e.to_string()))?;
+        request.identity.validate()?;
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> IdentityDoc {
+        IdentityDoc {
+            mac: "02:00:00:aa:bb:cc".into(),
+            serial: "SN-1".into(),
+            device_type: "atrium-gw".into(),
+            hardware_model: "nuc".into(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn identity_validation_table() {
+        type Case = (fn(&mut IdentityDoc), Option<&'static str>);
+        let cases: Vec<Case> = vec![
+            (|_| {}, None),
+            (|d| d.mac = "02-00-00-AA-BB-CC".into(), None),
+            (|d| d.mac = "nonsense".into(), Some("not a MAC")),
+            (|d| d.mac = "02:00:00:aa:bb:cc:dd".into(), Some("not a MAC")),
+            (|d| d.serial = String::new(), Some("serial is empty")),
+            (|d| d.serial = "x".repeat(129), Some("longer than 128")),
+            (|d| d.device_type = "a\nb".into(), Some("control characters")),
+            (
+                |d| {
+                    for i in 0..33 {
+                        d.extra.insert(format!("k{i}"), "v".into());
+                    }
+                },
+                Some("more than 32"),
+            ),
+        ];
+        for (change, want) in cases {
+            let mut d = doc();
+            change(&mut d);
+            match (d.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(text)) => assert!(e.to_string().contains(text), "{e}"),
+                (got, want) => panic!("{d:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn macs_are_canonicalised() {
+        let mut d = doc();
+        d.mac = "02-00-00-AA-BB-CC".into();
+        assert_eq!(d.canonical_mac(), "02:00:00:aa:bb:cc");
+    }
+
+    #[test]
+    fn request_parsing_errors_are_named() {
+        assert_eq!(
+            EnrollmentRequest::parse(&vec![b' '; MAX_REQUEST_BYTES + 1]),
+            Err(EnrollmentError::TooLarge)
+        );
+        assert!(matches!(
+            EnrollmentRequest::parse(b"{"),
+            Err(EnrollmentError::Malformed(_))
+        ));
+        let body = br#"{"identity":{"mac":"x","serial":"s","device_type":"t","hardware_model":"m"},"csr_pem":""}"#;
+        assert!(matches!(
+            EnrollmentRequest::parse(body),
+            Err(EnrollmentError::Identity(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = EnrollmentRequest::parse(&body);
+        }
+    }
+}
