@@ -1,5 +1,6 @@
-//! Atrium's storage: device identity, lifecycle, certificates, API tokens and the audit log,
-//! in one schema on SQLite (embedded, the default) or PostgreSQL (scale-out).
+//! Atrium's storage: device identity, lifecycle, certificates, API tokens, the audit log, and
+//! rooms (buildings, floors, rooms, sensor-node assignment, raw telemetry, per-minute room
+//! history and events), in one schema on SQLite (embedded, the default) or PostgreSQL.
 //!
 //! There is one implementation, [`Store`], over `sqlx`'s `Any` driver; the URL picks the
 //! backend (`sqlite://PATH` or `postgres://...`). Queries are runtime SQL that both databases
@@ -10,7 +11,9 @@
 //!
 //! Entry points: [`Store::open`], then [`Store::enroll_batch`] (the enrollment hot path: a
 //! batch of enrollments in one transaction, each item succeeding or failing on its own),
-//! [`Store::set_device_status`] (operator lifecycle decisions) and the readers.
+//! [`Store::set_device_status`] (operator lifecycle decisions), [`Store::store_telemetry`] (the
+//! telemetry hot path: many devices' batches in one transaction, each device's high-water mark
+//! with them, no index on the raw table) and the readers.
 //!
 //! Architecture invariants:
 //! - Every operator-facing mutation takes a [`NewAuditEntry`] and writes it in the same
@@ -33,6 +36,7 @@ mod devices;
 mod enroll;
 mod error;
 mod model;
+mod rooms;
 mod rows;
 mod store;
 #[cfg(feature = "testing")]
@@ -45,6 +49,10 @@ pub use model::{
     DeviceStatus, DeviceUpdate, DeviceWrite, EnrollmentGroup, EnrollmentKind, EnrollmentWrite,
     Identity, NewAuditEntry, NewDevice, NewEnrollmentGroup, NewPreauthorization, Preauthorization,
     Role,
+};
+pub use rooms::{
+    Building, Floor, PROFILES, Purged, Room, RoomEventRecord, RoomMinute, RoomSpec, SensorNode,
+    TelemetryOutcome, TelemetryReading, TelemetryWrite,
 };
 pub use store::{
     Backend, LATEST_SCHEMA_VERSION, SqlitePragmas, Store, StoreOptions, embedded_migration_files,

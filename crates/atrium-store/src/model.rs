@@ -410,6 +410,12 @@ impl NewAuditEntry {
         }
     }
 
+    /// The same entry about another target (a record whose id the store generates).
+    pub fn with_target(mut self, target: &str) -> Self {
+        self.target = target.to_owned();
+        self
+    }
+
     /// The same entry with these details.
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
         self.details = details;

@@ -83,15 +83,23 @@ struct MigrationFile {
 
 /// The embedded migrations. Adding one: a file in each of `migrations/sqlite` and
 /// `migrations/postgres`, and a line here (a test checks the folders and this list agree).
-const MIGRATIONS: &[MigrationFile] = &[MigrationFile {
-    version: 1,
-    description: "init",
-    sqlite: include_str!("../migrations/sqlite/0001_init.sql"),
-    postgres: include_str!("../migrations/postgres/0001_init.sql"),
-}];
+const MIGRATIONS: &[MigrationFile] = &[
+    MigrationFile {
+        version: 1,
+        description: "init",
+        sqlite: include_str!("../migrations/sqlite/0001_init.sql"),
+        postgres: include_str!("../migrations/postgres/0001_init.sql"),
+    },
+    MigrationFile {
+        version: 2,
+        description: "rooms",
+        sqlite: include_str!("../migrations/sqlite/0002_rooms.sql"),
+        postgres: include_str!("../migrations/postgres/0002_rooms.sql"),
+    },
+];
 
 /// The schema version this build migrates to.
-pub const LATEST_SCHEMA_VERSION: i64 = 1;
+pub const LATEST_SCHEMA_VERSION: i64 = 2;
 
 /// The file names of the embedded migrations, for the test that keeps the list honest.
 #[doc(hidden)]

@@ -6,5 +6,6 @@
 
 mod conformance;
 mod lifecycle_model;
+mod rooms;
 mod sqlite_only;
 mod support;
