@@ -180,7 +180,10 @@ mod tests {
             (|d| d.mac = "02:00:00:aa:bb:cc:dd".into(), Some("not a MAC")),
             (|d| d.serial = String::new(), Some("serial is empty")),
             (|d| d.serial = "x".repeat(129), Some("longer than 128")),
-            (|d| d.device_type = "a\nb".into(), Some("control characters")),
+            (
+                |d| d.device_type = "a\nb".into(),
+                Some("control characters"),
+            ),
             (
                 |d| {
                     for i in 0..33 {

@@ -42,6 +42,16 @@ pub struct ServerConfig {
     pub link_max_message_bytes: usize,
     /// Log format: "text" or "json".
     pub log_format: String,
+    /// Most telemetry batches (of all links) written in one database transaction.
+    pub telemetry_batch: usize,
+    /// Most readings one telemetry batch may carry; larger batches are refused.
+    pub telemetry_max_readings: usize,
+    /// Readings timestamped further ahead of the server clock than this are refused.
+    pub telemetry_max_future_ms: i64,
+    /// Raw readings older than this many days are deleted.
+    pub retention_readings_days: u32,
+    /// Room history minutes and events older than this many days are deleted.
+    pub retention_history_days: u32,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +70,11 @@ impl Default for ServerConfig {
             handshake_timeout_s: 10,
             link_max_message_bytes: atrium_proto::MAX_FRAME_BYTES,
             log_format: "text".into(),
+            telemetry_batch: 1024,
+            telemetry_max_readings: 10_000,
+            telemetry_max_future_ms: 5 * 60_000,
+            retention_readings_days: 30,
+            retention_history_days: 730,
         }
     }
 }

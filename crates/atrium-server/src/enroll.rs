@@ -300,6 +300,10 @@ async fn known_key(
             device.id
         ))),
         DeviceStatus::Accepted => {
+            // A device that enrolls again may have lost its telemetry spool with its
+            // certificate: its spool positions may start anew, below the stored high-water
+            // mark, and must not be mistaken for retransmissions.
+            ctx.store.reset_telemetry_mark(&device.id).await?;
             let cert = issue_for(ctx, &device.id, csr, "certificate.issue").await?;
             Ok(respond(device, Some(cert)))
         }

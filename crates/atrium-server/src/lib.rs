@@ -3,7 +3,9 @@
 //! [`start`] brings up one server node from a [`ServerConfig`]: it opens the store (running
 //! migrations), loads or creates the CA, bootstraps the first admin token, and serves two
 //! listeners: HTTPS for the REST API and enrollment ([`api`]), and mutual TLS for device
-//! links ([`link`]). Everything shares one [`Ctx`].
+//! links ([`link`]). Everything shares one [`Ctx`]. Telemetry from the links is validated,
+//! committed in groups (`ingest`) and fed to one rooms engine per room ([`rooms`]), whose live
+//! state the API serves and streams (SSE).
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -11,8 +13,10 @@ mod auth;
 pub mod config;
 mod enroll;
 mod http;
+mod ingest;
 mod link;
 mod registry;
+pub mod rooms;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -39,7 +43,12 @@ pub struct Ctx {
     pub ca: CertificateAuthority,
     /// Live device links of this node.
     pub links: LinkRegistry,
+    /// Live state of every room.
+    pub rooms: Arc<rooms::RoomHub>,
     enroller: enroll::Enroller,
+    ingest: ingest::Ingest,
+    /// Cancelled when the node shuts down (ends live streams).
+    shutdown: CancellationToken,
 }
 
 /// A server node that is serving; dropping it does not stop it, [`RunningServer::shutdown`] does.
@@ -97,12 +106,24 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         &tasks,
         shutdown.clone(),
     );
+    let hub = Arc::new(rooms::RoomHub::default());
+    hub.reload(&store).await.context("loading rooms")?;
+    let ingest = ingest::Ingest::spawn(
+        store.clone(),
+        hub.clone(),
+        config.telemetry_batch,
+        &tasks,
+        shutdown.clone(),
+    );
     let ctx = Arc::new(Ctx {
         config,
         store,
         ca,
         links: LinkRegistry::default(),
+        rooms: hub,
         enroller,
+        ingest,
+        shutdown: shutdown.clone(),
     });
 
     let api_listener = TcpListener::bind(ctx.config.api_listen)
@@ -132,6 +153,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         tasks.clone(),
     ));
     tasks.spawn(link::flush_last_seen(ctx.clone(), shutdown.clone()));
+    tasks.spawn(rooms::flush(ctx.clone(), shutdown.clone()));
     tracing::info!(%api_addr, %link_addr, "atrium server started");
     Ok(RunningServer {
         api_addr,

@@ -144,6 +144,7 @@ async fn handle(
                 ws,
                 out: SeqCounter::default(),
                 inbound: SeqCheck::default(),
+                twin_version: 0,
             };
             session.run(control_rx, shutdown).await
         }
@@ -215,6 +216,8 @@ struct Session<'a, S> {
     ws: WebSocketStream<S>,
     out: SeqCounter,
     inbound: SeqCheck,
+    /// Version of the last desired twin sent on this link (0: none yet).
+    twin_version: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
@@ -270,11 +273,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .set_connected(self.device_id, true, now_ms())
             .await?;
         tracing::debug!(device = %self.device_id, agent = %hello.agent_version, protocol, "device connected");
+        self.send_desired_twin().await?;
 
         loop {
             tokio::select! {
                 command = control.recv() => {
                     let reason = match command {
+                        Some(Control::RoomsChanged) => {
+                            self.send_desired_twin().await?;
+                            continue;
+                        }
                         Some(Control::Close(reason)) => reason,
                         None => "server closing the link".to_owned(),
                     };
@@ -337,6 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 Ok(())
             }
             Message::RenewRequest(request) => self.renew(&request.csr_der).await,
+            Message::Telemetry(batch) => self.telemetry(batch).await,
             Message::Goodbye(reason) => {
                 tracing::debug!(device = %self.device_id, %reason, "agent said goodbye");
                 Ok(())
@@ -349,6 +358,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 .await
             }
         }
+    }
+
+    /// Stores a batch (with the batches of other links, in one commit) and acks it only then.
+    async fn telemetry(&mut self, batch: atrium_proto::TelemetryBatch) -> Result<(), LinkError> {
+        let seq = batch.batch_seq;
+        let config = &self.ctx.config;
+        let write = match crate::ingest::validate(
+            self.device_id,
+            batch,
+            now_ms(),
+            config.telemetry_max_readings,
+            config.telemetry_max_future_ms,
+            &self.ctx.ingest.stats,
+        ) {
+            Ok(write) => write,
+            Err(message) => {
+                self.ctx
+                    .ingest
+                    .stats
+                    .batches_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(device = %self.device_id, %message, "telemetry batch refused");
+                return self
+                    .send(Message::Error(ErrorMessage { code: 422, message }))
+                    .await;
+            }
+        };
+        match self.ctx.ingest.write(write).await {
+            Ok(_) => self.send(Message::TelemetryAck(seq)).await,
+            Err(reason) => {
+                self.send(Message::Error(ErrorMessage {
+                    code: 503,
+                    message: format!("telemetry batch {seq} not stored, send it again: {reason}"),
+                }))
+                .await
+            }
+        }
+    }
+
+    /// Sends the desired twin (the rooms of this gateway) if its version grew.
+    async fn send_desired_twin(&mut self) -> Result<(), LinkError> {
+        // A storage hiccup must not cost the link: the next change or reconnect sends it.
+        let (revision, rooms) = match self.ctx.store.rooms_of_device(self.device_id).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(device = %self.device_id, error = %e, "desired twin not sent");
+                return Ok(());
+            }
+        };
+        // Revision 0 (no rooms ever) is sent as version 1: versions start at 1 and only grow.
+        let version = u64::try_from(revision).unwrap_or(0).saturating_add(1);
+        if version <= self.twin_version {
+            return Ok(());
+        }
+        let json = crate::api::rooms::desired_twin_json(&rooms);
+        self.twin_version = version;
+        self.send(Message::Twin(atrium_proto::TwinDocument {
+            section: atrium_proto::TwinSection::Desired,
+            version: self.twin_version,
+            full: true,
+            json,
+        }))
+        .await
     }
 
     async fn renew(&mut self, csr_der: &[u8]) -> Result<(), LinkError> {

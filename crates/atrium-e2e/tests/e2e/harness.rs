@@ -160,6 +160,32 @@ impl TestServer {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.api_url()))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A GET whose body is read piece by piece (server-sent events).
+    pub async fn stream(&self, path: &str) -> reqwest::Response {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.api_url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET stream");
+        assert_eq!(response.status(), StatusCode::OK);
+        response
+    }
+
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
         let response = self
             .http
@@ -399,5 +425,85 @@ pub async fn probe_link(server: &TestServer, key_path: &std::path::Path, chain_p
         }
         Ok(Some(Err(e))) => Probe::TlsRefused(e.to_string()),
         other => Probe::Other(format!("{other:?}")),
+    }
+}
+
+/// A device link driven by hand: hello and welcome done, then any message either way.
+pub struct RawLink {
+    ws: tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    out: SeqCounter,
+}
+
+impl RawLink {
+    /// Connects with an agent's key and certificate chain; panics unless welcomed.
+    pub async fn connect(
+        server: &TestServer,
+        key_path: &std::path::Path,
+        chain_pem: &str,
+    ) -> RawLink {
+        let key: Arc<dyn DeviceKey> = Arc::new(atrium_pki::FileKey::load(key_path).expect("key"));
+        let chain: Vec<CertificateDer<'static>> =
+            atrium_pki::parse_pem_certs(chain_pem).expect("chain");
+        let roots =
+            atrium_pki::parse_pem_certs(&std::fs::read_to_string(server.ca_file()).expect("ca"))
+                .expect("roots");
+        let tls = atrium_pki::tls::client_config(&roots, Some((chain, key))).expect("tls");
+        let tcp = tokio::net::TcpStream::connect(server.config.link_listen)
+            .await
+            .expect("tcp");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .expect("TLS");
+        let (ws, _) = tokio_tungstenite::client_async(server.link_url(), stream)
+            .await
+            .expect("upgrade");
+        let mut link = RawLink {
+            ws,
+            out: SeqCounter::default(),
+        };
+        link.send(Message::Hello(Hello {
+            agent_version: "raw".into(),
+            min_protocol: 1,
+            max_protocol: 1,
+            features: vec![],
+        }))
+        .await;
+        match link.recv().await {
+            Message::Welcome(_) => link,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, message: Message) {
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                self.out.encode(message).into(),
+            ))
+            .await
+            .expect("send");
+    }
+
+    /// The next protocol message (pings answered, nothing else skipped); panics after 10 s.
+    pub async fn recv(&mut self) -> Message {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("a message within 10 s");
+            match next {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(bytes))) => {
+                    let message = Frame::decode(&bytes).expect("frame").message;
+                    if let Message::Ping(nonce) = message {
+                        self.send(Message::Pong(nonce)).await;
+                        continue;
+                    }
+                    return message;
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_)))
+                | Some(Ok(tokio_tungstenite::tungstenite::Message::Pong(_))) => {}
+                other => panic!("link ended: {other:?}"),
+            }
+        }
     }
 }

@@ -252,7 +252,10 @@ async fn certificate_is_renewed_before_expiry(backend: Backend) {
         if now != first {
             break;
         }
-        assert!(Instant::now() < deadline, "renewed certificate never stored");
+        assert!(
+            Instant::now() < deadline,
+            "renewed certificate never stored"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     agent.connected().await;

@@ -5,6 +5,7 @@
 
 mod harness;
 mod identity;
+mod rooms;
 
 /// Instantiates each scenario `async fn name(Backend)` once per storage backend.
 macro_rules! both_backends {

@@ -5,6 +5,7 @@
 //! Every mutation writes an audit entry in the same transaction as the change.
 
 pub mod error;
+pub mod rooms;
 pub mod types;
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use atrium_store::{
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::OpenApi;
@@ -37,7 +38,13 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         enroll, ca_bundle, list_devices, show_device, accept_device, reject_device,
         decommission_device, preauthorize, list_preauthorizations, add_group, list_groups,
         enable_group, disable_group, deny_serial, list_denied, list_audit, list_tokens,
-        create_token, revoke_token
+        create_token, revoke_token,
+        rooms::create_building, rooms::list_buildings, rooms::rename_building,
+        rooms::delete_building, rooms::create_floor, rooms::list_floors, rooms::delete_floor,
+        rooms::create_room, rooms::list_rooms, rooms::show_room, rooms::update_room,
+        rooms::delete_room, rooms::put_sensor_node, rooms::list_sensor_nodes,
+        rooms::room_history, rooms::room_events, rooms::room_utilization,
+        rooms::telemetry_stats, rooms::room_stream
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -97,6 +104,39 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/v1/audit", get(list_audit))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}/revoke", post(revoke_token))
+        .route(
+            "/api/v1/buildings",
+            get(rooms::list_buildings).post(rooms::create_building),
+        )
+        .route(
+            "/api/v1/buildings/{id}",
+            put(rooms::rename_building).delete(rooms::delete_building),
+        )
+        .route(
+            "/api/v1/floors",
+            get(rooms::list_floors).post(rooms::create_floor),
+        )
+        .route("/api/v1/floors/{id}", delete(rooms::delete_floor))
+        .route(
+            "/api/v1/rooms",
+            get(rooms::list_rooms).post(rooms::create_room),
+        )
+        .route(
+            "/api/v1/rooms/{id}",
+            get(rooms::show_room)
+                .put(rooms::update_room)
+                .delete(rooms::delete_room),
+        )
+        .route("/api/v1/rooms/{id}/history", get(rooms::room_history))
+        .route("/api/v1/rooms/{id}/events", get(rooms::room_events))
+        .route(
+            "/api/v1/rooms/{id}/utilization",
+            get(rooms::room_utilization),
+        )
+        .route("/api/v1/sensor-nodes", get(rooms::list_sensor_nodes))
+        .route("/api/v1/sensor-nodes/{node}", put(rooms::put_sensor_node))
+        .route("/api/v1/telemetry/stats", get(rooms::telemetry_stats))
+        .route("/api/v1/events/rooms", get(rooms::room_stream))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(ctx)
 }
