@@ -41,6 +41,39 @@ pub struct AgentConfig {
     pub max_backoff_s: u64,
     /// Shortest wait between enrollment attempts while pending, in seconds (the server may ask for more).
     pub enroll_retry_s: u64,
+    /// How sensor readings come in: `embedded` broker (default), `external` broker, or `off`.
+    pub mqtt_mode: MqttMode,
+    /// Listen address of the embedded broker (all interfaces: the sensor LAN).
+    pub mqtt_listen: String,
+    /// The existing broker in `external` mode, `host:port`.
+    pub mqtt_broker: String,
+    /// MQTT client id in `external` mode; empty means `atrium-agent-<gateway>`. Must be stable:
+    /// the session is persistent, so the broker keeps unacknowledged readings for it.
+    pub mqtt_client_id: String,
+    /// User name for the existing broker, if it wants one.
+    pub mqtt_username: Option<String>,
+    /// Password for the existing broker.
+    pub mqtt_password: Option<String>,
+    /// This gateway's topic level (`atrium/<gateway>/...`); empty means the host name.
+    pub gateway_name: String,
+    /// Local filtering of readings (deadband, rate limit).
+    pub filter: crate::filter::FilterConfig,
+    /// Most readings per telemetry batch sent to the server.
+    pub telemetry_batch: usize,
+    /// Most disk space the store-and-forward spool may use, MiB (oldest readings go first).
+    pub spool_max_mb: u64,
+}
+
+/// Where sensor readings come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttMode {
+    /// The agent runs its own broker on `mqtt_listen`.
+    Embedded,
+    /// The agent is a client of the broker at `mqtt_broker`.
+    External,
+    /// No sensor intake.
+    Off,
 }
 
 impl Default for AgentConfig {
@@ -59,6 +92,16 @@ impl Default for AgentConfig {
             inventory_interval_s: 60,
             max_backoff_s: 60,
             enroll_retry_s: 30,
+            mqtt_mode: MqttMode::Embedded,
+            mqtt_listen: "0.0.0.0:1883".into(),
+            mqtt_broker: "127.0.0.1:1883".into(),
+            mqtt_client_id: String::new(),
+            mqtt_username: None,
+            mqtt_password: None,
+            gateway_name: String::new(),
+            filter: crate::filter::FilterConfig::default(),
+            telemetry_batch: 500,
+            spool_max_mb: 64,
         }
     }
 }
@@ -78,6 +121,22 @@ impl AgentConfig {
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(Box::new)
+    }
+
+    /// This gateway's topic level: `gateway_name`, else the host name, else "gateway".
+    pub fn gateway(&self) -> String {
+        let clean = |s: &str| {
+            s.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                .collect::<String>()
+        };
+        [
+            clean(&self.gateway_name),
+            clean(&sysinfo::System::host_name().unwrap_or_default()),
+        ]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .unwrap_or_else(|| "gateway".into())
     }
 
     /// The link URL, derived from the API URL when not set.

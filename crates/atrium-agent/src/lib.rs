@@ -5,12 +5,22 @@
 //! was installed with. Once accepted it keeps one mutual-TLS WebSocket to the server
 //! ([`link`]), renews its certificate at two thirds of its life, and re-enrolls with its
 //! identity key (or factory certificate) when the certificate has expired.
+//!
+//! Sensor intake runs beside the link and does not depend on it: SenML over MQTT
+//! ([`broker`] embedded, or a client of an existing broker) is filtered ([`filter`]), made
+//! durable in the [`spool`], fed to the gateway's room engines ([`rooms`], assigned by the
+//! server's desired twin) and forwarded to the server while the link is up (`forward`).
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod config;
 mod enroll;
+pub mod filter;
+mod forward;
+pub mod intake;
 pub mod inventory;
 mod link;
+pub mod rooms;
 pub mod spool;
 
 use std::path::PathBuf;
@@ -63,6 +73,9 @@ pub struct Agent {
     factory: Option<Factory>,
     roots: Vec<CertificateDer<'static>>,
     state: watch::Sender<AgentState>,
+    rooms: watch::Sender<rooms::Assignment>,
+    intake_status: watch::Sender<intake::IntakeStatus>,
+    broker_addr: watch::Sender<Option<std::net::SocketAddr>>,
 }
 
 /// The factory identity of a device that enrolls zero-touch.
@@ -102,12 +115,16 @@ impl Agent {
             _ => anyhow::bail!("factory_cert and factory_key must be set together"),
         };
         let (state, _) = watch::channel(AgentState::Starting);
+        let (rooms, _) = watch::channel(rooms::Assignment::load(&config.data_dir));
         Ok(Agent {
             config,
             key: Arc::new(key),
             factory,
             roots,
             state,
+            rooms,
+            intake_status: watch::channel(intake::IntakeStatus::default()).0,
+            broker_addr: watch::channel(None).0,
         })
     }
 
@@ -119,6 +136,56 @@ impl Agent {
     /// The identity attributes this gateway enrolls with.
     pub fn identity(&self) -> atrium_proto::enrollment::IdentityDoc {
         enroll::identity(self)
+    }
+
+    /// Follows the sensor intake's counters (refusals, unknown nodes, spooled readings).
+    pub fn intake_status(&self) -> watch::Receiver<intake::IntakeStatus> {
+        self.intake_status.subscribe()
+    }
+
+    /// The embedded MQTT broker's address once it listens (useful with port 0).
+    pub fn broker_addr(&self) -> watch::Receiver<Option<std::net::SocketAddr>> {
+        self.broker_addr.subscribe()
+    }
+
+    /// The room assignment in force.
+    pub fn rooms(&self) -> rooms::Assignment {
+        self.rooms.borrow().clone()
+    }
+
+    /// Applies a twin document from the server: a full desired twin carries the room
+    /// assignment, which is persisted and handed to the intake. Anything else is ignored.
+    async fn apply_twin(&self, doc: atrium_proto::TwinDocument) {
+        if doc.section != atrium_proto::TwinSection::Desired || !doc.full {
+            tracing::debug!(
+                version = doc.version,
+                "ignoring a twin patch or reported section"
+            );
+            return;
+        }
+        let assignment = match rooms::Assignment::from_twin_json(&doc.json) {
+            Ok(assignment) => assignment,
+            Err(e) => {
+                tracing::warn!(version = doc.version, error = %e, "desired twin not applied");
+                return;
+            }
+        };
+        if *self.rooms.borrow() == assignment {
+            return;
+        }
+        let dir = self.config.data_dir.clone();
+        let to_store = assignment.clone();
+        match tokio::task::spawn_blocking(move || to_store.store(&dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "room assignment applied but not stored"),
+            Err(e) => tracing::warn!(error = %e, "room assignment applied but not stored"),
+        }
+        tracing::info!(
+            version = doc.version,
+            rooms = assignment.rooms.len(),
+            "room assignment from the server"
+        );
+        self.rooms.send_replace(assignment);
     }
 
     /// The configuration the agent runs with.
@@ -166,6 +233,37 @@ impl Agent {
     /// Runs until `shutdown`: enroll when needed, keep the link up, renew, reconnect.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let http = enroll::http_client(&self.roots)?;
+        let intake_stop = shutdown.child_token();
+        // Intake tasks also stop when this future is dropped instead of shut down.
+        let _stop_intake_on_drop = intake_stop.clone().drop_guard();
+        let channels = intake::Channels {
+            assignments: self.rooms.subscribe(),
+            status: self.intake_status.clone(),
+            broker_addr: self.broker_addr.clone(),
+        };
+        let (mut forwarder, tasks) = match intake::start(&self.config, channels, &intake_stop).await
+        {
+            Ok(running) => (Some(running.forwarder), running.tasks),
+            Err(e) => {
+                tracing::error!(error = %e, "sensor intake not running");
+                (None, Vec::new())
+            }
+        };
+        let result = self.life(&http, forwarder.as_mut(), &shutdown).await;
+        intake_stop.cancel();
+        drop(forwarder);
+        for task in tasks {
+            let _ = task.await;
+        }
+        result
+    }
+
+    async fn life(
+        &self,
+        http: &reqwest::Client,
+        mut forwarder: Option<&mut forward::Forwarder>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(Duration::from_secs(self.config.max_backoff_s.max(1)));
         loop {
             if shutdown.is_cancelled() {
@@ -173,13 +271,13 @@ impl Agent {
             }
             let chain = match self.usable_certificate() {
                 Some(chain) => chain,
-                None => match enroll::until_accepted(&self, &http, &shutdown).await {
+                None => match enroll::until_accepted(self, http, shutdown).await {
                     Some(chain) => chain,
                     None => return Ok(()),
                 },
             };
             self.set_state(AgentState::Connecting);
-            let outcome = link::run(&self, chain, &shutdown).await;
+            let outcome = link::run(self, chain, shutdown, forwarder.as_deref_mut()).await;
             let wait = match outcome {
                 link::Outcome::Shutdown => return Ok(()),
                 link::Outcome::Renewed => continue,

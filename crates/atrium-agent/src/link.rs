@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::forward::Forwarder;
 use crate::{Agent, AgentState};
 
 /// How a link session ended.
@@ -45,6 +46,7 @@ pub async fn run(
     agent: &Agent,
     chain: Vec<CertificateDer<'static>>,
     shutdown: &CancellationToken,
+    forward: Option<&mut Forwarder>,
 ) -> Outcome {
     let lifetime = match chain.first().map(atrium_pki::cert_validity) {
         Some(Ok(validity)) => validity,
@@ -63,7 +65,7 @@ pub async fn run(
         out: SeqCounter::default(),
         inbound: SeqCheck::default(),
     };
-    session.serve(agent, lifetime, shutdown).await
+    session.serve(agent, lifetime, shutdown, forward).await
 }
 
 fn is_tls_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -149,6 +151,14 @@ async fn connect(agent: &Agent, chain: Vec<CertificateDer<'static>>) -> Result<W
     Ok(ws)
 }
 
+/// The next telemetry batch to send, or never when the agent has no intake.
+async fn next_batch(forward: Option<&mut Forwarder>) -> atrium_proto::TelemetryBatch {
+    match forward {
+        Some(forward) => forward.ready().await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Session {
     ws: Ws,
     out: SeqCounter,
@@ -197,6 +207,7 @@ impl Session {
         agent: &Agent,
         (not_before, not_after): (i64, i64),
         shutdown: &CancellationToken,
+        mut forward: Option<&mut Forwarder>,
     ) -> Outcome {
         let lost = |reason: String, was_up: bool| Outcome::Lost { reason, was_up };
         let hello = Hello {
@@ -245,6 +256,9 @@ impl Session {
         let mut nonce = 0u64;
         let silence_limit = heartbeat * 3;
         let mut last_heard = tokio::time::Instant::now();
+        if let Some(forward) = forward.as_deref_mut() {
+            forward.reset();
+        }
 
         loop {
             tokio::select! {
@@ -285,6 +299,15 @@ impl Session {
                     }
                     renew.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(60));
                 }
+                batch = next_batch(forward.as_deref_mut()) => {
+                    let batch_seq = batch.batch_seq;
+                    if let Err(e) = self.send(Message::Telemetry(batch)).await {
+                        return lost(e, true);
+                    }
+                    if let Some(forward) = forward.as_deref_mut() {
+                        forward.sent(batch_seq);
+                    }
+                }
                 next = self.next() => {
                     last_heard = tokio::time::Instant::now();
                     let frame = match next {
@@ -322,9 +345,21 @@ impl Session {
                             tracing::warn!(%reason, "server closed the link");
                             return lost(reason, true);
                         }
+                        Message::TelemetryAck(batch_seq) => {
+                            if let Some(forward) = forward.as_deref_mut() {
+                                forward.acked(batch_seq).await;
+                            }
+                        }
+                        Message::Twin(doc) => agent.apply_twin(doc).await,
                         Message::Error(e) => {
-                            tracing::warn!(code = e.code, message = %e.message, "server reported an error");
-                            renewing = false;
+                            let telemetry = match forward.as_deref_mut() {
+                                Some(f) => f.server_error(e.code, &e.message).await,
+                                None => false,
+                            };
+                            if !telemetry {
+                                tracing::warn!(code = e.code, message = %e.message, "server reported an error");
+                                renewing = false;
+                            }
                         }
                         other => {
                             tracing::debug!(message = other.name(), "ignoring a message this agent does not handle yet");
