@@ -27,6 +27,9 @@ pub struct DemoArgs {
     /// Device-link port on 127.0.0.1.
     #[arg(long, default_value_t = atrium_server::config::DEFAULT_LINK_PORT)]
     link_port: u16,
+    /// First port of the gateways' embedded MQTT brokers on 127.0.0.1 (one port per gateway).
+    #[arg(long, default_value_t = 18830)]
+    mqtt_port: u16,
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
@@ -68,6 +71,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             device_type: "atrium-demo-gateway".into(),
             hardware_model: "simulated".into(),
             enroll_retry_s: 5,
+            mqtt_listen: format!("127.0.0.1:{}", usize::from(args.mqtt_port) + i),
+            gateway_name: serial.to_ascii_lowercase(),
             ..AgentConfig::default()
         };
         let agent = Agent::new(config).with_context(|| format!("preparing gateway {serial}"))?;
@@ -75,6 +80,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             preauthorize(&client, &gw_dir, &serial, agent.config()).await?;
         }
         let mut state = agent.state();
+        let mqtt = agent.config().mqtt_listen.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = agent.run(stop).await {
@@ -95,9 +101,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     AgentState::Pending { device_id } => println!(
                         "gateway {name}: pending. Accept it with:\n  atrium devices accept {device_id} {cli_flags}"
                     ),
-                    AgentState::Connected { device_id } => {
-                        println!("gateway {name}: connected as {device_id}")
-                    }
+                    AgentState::Connected { device_id } => println!(
+                        "gateway {name}: connected as {device_id}; its sensor MQTT broker: {mqtt} (topics: docs/SENSORS.md)"
+                    ),
                     AgentState::Refused { reason } => println!("gateway {name}: refused: {reason}"),
                     _ => {}
                 }

@@ -251,6 +251,7 @@ pub fn agent_config(server: &TestServer, dir: &TempDir, serial: &str) -> AgentCo
         enroll_retry_s: 1,
         max_backoff_s: 2,
         inventory_interval_s: 1,
+        mqtt_listen: "127.0.0.1:0".into(),
         ..AgentConfig::default()
     }
 }
