@@ -226,7 +226,7 @@ impl Agent {
     }
 
     fn store_certificate(&self, chain_pem: &str) -> anyhow::Result<()> {
-        write_private_file(&self.cert_path(), chain_pem.as_bytes())
+        atrium_pki::write_secret_file(&self.cert_path(), chain_pem.as_bytes())
             .with_context(|| format!("writing {}", self.cert_path().display()))
     }
 
@@ -333,21 +333,6 @@ impl Backoff {
         );
         Duration::from_millis(millis)
     }
-}
-
-fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 fn now_unix() -> i64 {

@@ -5,7 +5,7 @@
 //! first reading after a restart, with the uplink down.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use atrium_rooms::{
     Event, Outcome, RoomConfig, RoomEngine, RoomState, SensorKind, ThresholdProfile,
@@ -73,13 +73,8 @@ pub enum RoomsError {
     #[error("room id `{0}` is not usable in a topic (empty, or contains / + # or NUL)")]
     RoomId(String),
     /// The assignment could not be stored.
-    #[error("storing the room assignment {}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    #[error("storing the room assignment: {0}")]
+    Store(#[from] atrium_pki::PkiError),
 }
 
 fn profile(name: &str) -> Option<ThresholdProfile> {
@@ -130,7 +125,7 @@ impl Assignment {
     pub fn store(&self, data_dir: &Path) -> Result<(), RoomsError> {
         let path = data_dir.join(ROOMS_FILE);
         let bytes = serde_json::to_vec_pretty(self)?;
-        crate::write_private_file(&path, &bytes).map_err(|source| RoomsError::Io { path, source })
+        Ok(atrium_pki::write_secret_file(&path, &bytes)?)
     }
 }
 

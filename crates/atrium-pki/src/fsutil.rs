@@ -42,6 +42,12 @@ pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
     fs::rename(tmp, path).map_err(|e| PkiError::io("could not rename into", path, e))
 }
 
+/// Writes a secret file (keys, tokens, certificates of a device) atomically, owner read/write
+/// only, never readable by others even briefly.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    write_file(path, contents, 0o600)
+}
+
 /// Writes a private key: owner read/write only, never readable by others even briefly.
 pub(crate) fn write_secret(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
     write_file(path, contents, 0o600)

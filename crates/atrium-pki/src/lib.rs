@@ -25,6 +25,7 @@ pub mod key;
 pub mod tls;
 
 mod fsutil;
+pub use fsutil::write_secret_file;
 mod x509util;
 
 pub use ca::{CertificateAuthority, IssuedCert, ServerIdentity};

@@ -43,7 +43,7 @@ pub async fn bootstrap_admin_token(
     }
     let secret = new_secret();
     let path = data_dir.join(ADMIN_TOKEN_FILE);
-    write_private_file(&path, format!("{secret}\n").as_bytes())
+    atrium_pki::write_secret_file(&path, format!("{secret}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     store
         .create_token(
@@ -56,22 +56,6 @@ pub async fn bootstrap_admin_token(
         .await?;
     tracing::info!(path = %path.display(), "created the first admin token");
     Ok(Some(secret))
-}
-
-/// Writes `bytes` to a new file that only the owner can read, replacing any old one.
-pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The authenticated caller of an API request.
@@ -168,13 +152,31 @@ mod tests {
         assert!(caller(Role::Operator).require(Role::Admin).is_err());
     }
 
-    #[test]
-    fn private_files_are_0600() {
+    #[tokio::test]
+    async fn the_first_admin_token_is_created_once_in_a_0600_file() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("secret");
-        write_private_file(&path, b"x").expect("write");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::open(&url).await.expect("store");
+        let secret = bootstrap_admin_token(&store, dir.path())
+            .await
+            .expect("bootstrap")
+            .expect("created on first start");
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        assert_eq!(std::fs::read_to_string(&path).expect("file").trim(), secret);
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        let token = store
+            .token_by_hash(&hash_secret(&secret))
+            .await
+            .expect("lookup")
+            .expect("stored as a hash");
+        assert_eq!(token.role, Role::Admin);
+        assert!(
+            bootstrap_admin_token(&store, dir.path())
+                .await
+                .expect("again")
+                .is_none()
+        );
     }
 }

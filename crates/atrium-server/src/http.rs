@@ -6,10 +6,35 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
+
+/// Accepts TCP connections until `shutdown` and hands each to `on_connection`, which must
+/// not block: handshakes belong in the task it spawns, never on the accept loop.
+pub async fn accept_loop(
+    listener: TcpListener,
+    what: &'static str,
+    shutdown: CancellationToken,
+    mut on_connection: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => on_connection(tcp, peer),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
 
 /// Accepts connections until `shutdown`, serving `router` on each over TLS.
 pub async fn serve(
@@ -20,19 +45,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let stop = shutdown.clone();
+    accept_loop(listener, "API", stop, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let router = router.clone();
         let shutdown = shutdown.clone();
@@ -65,5 +79,6 @@ pub async fn serve(
                 }
             }
         });
-    }
+    })
+    .await;
 }

@@ -59,18 +59,8 @@ pub async fn serve(
     tasks: TaskTracker,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "link accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let stop = shutdown.clone();
+    crate::http::accept_loop(listener, "device link", stop, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
@@ -79,7 +69,8 @@ pub async fn serve(
                 tracing::info!(%peer, reason = %e, "device link closed");
             }
         });
-    }
+    })
+    .await;
 }
 
 /// The WebSocket settings of a link: small buffers, bounded messages.
