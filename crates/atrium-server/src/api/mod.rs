@@ -273,7 +273,8 @@ async fn show_device(
 
 fn view(ctx: &Ctx, d: Device) -> DeviceView {
     DeviceView {
-        connected: ctx.links.is_connected(&d.id) || d.connected,
+        // The registry is the truth on a single node; the stored flag can be stale after a crash.
+        connected: ctx.links.is_connected(&d.id),
         status: d.status.as_str().to_owned(),
         enrollment: match &d.enrollment {
             EnrollmentKind::Manual => "manual".to_owned(),
