@@ -356,33 +356,17 @@ impl Store {
 
     /// Deletes a building that has no floors.
     pub async fn delete_building(&self, id: &str, audit: NewAuditEntry) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        let r = async {
-            let conn = tx.conn();
-            if exists(
-                conn,
-                "SELECT id FROM floors WHERE building_id = $1 LIMIT 1",
-                id,
-            )
-            .await?
-            {
-                return Err(StoreError::conflict(
-                    "the building still has floors; delete them first",
-                ));
-            }
-            let n = sqlx::query("DELETE FROM buildings WHERE id = $1")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            if n == 0 {
-                return Err(StoreError::not_found("building", id));
-            }
-            insert_audit(conn, std::slice::from_ref(&audit)).await?;
-            Ok(())
-        }
-        .await;
-        tx.finish(r).await
+        self.delete_childless(
+            Childless {
+                what: "building",
+                children: "SELECT id FROM floors WHERE building_id = $1 LIMIT 1",
+                delete: "DELETE FROM buildings WHERE id = $1",
+                conflict: "the building still has floors; delete them first",
+            },
+            id,
+            audit,
+        )
+        .await
     }
 
     /// Creates a floor in a building; the level is unique in the building.
@@ -457,21 +441,39 @@ impl Store {
 
     /// Deletes a floor that has no rooms.
     pub async fn delete_floor(&self, id: &str, audit: NewAuditEntry) -> Result<(), StoreError> {
+        self.delete_childless(
+            Childless {
+                what: "floor",
+                children: "SELECT id FROM rooms WHERE floor_id = $1 LIMIT 1",
+                delete: "DELETE FROM floors WHERE id = $1",
+                conflict: "the floor still has rooms; delete them first",
+            },
+            id,
+            audit,
+        )
+        .await
+    }
+
+    /// Deletes one row that no other row refers to, with its audit entry, in one transaction.
+    async fn delete_childless(
+        &self,
+        c: Childless,
+        id: &str,
+        audit: NewAuditEntry,
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         let r = async {
             let conn = tx.conn();
-            if exists(conn, "SELECT id FROM rooms WHERE floor_id = $1 LIMIT 1", id).await? {
-                return Err(StoreError::conflict(
-                    "the floor still has rooms; delete them first",
-                ));
+            if exists(conn, c.children, id).await? {
+                return Err(StoreError::conflict(c.conflict));
             }
-            let n = sqlx::query("DELETE FROM floors WHERE id = $1")
+            let n = sqlx::query(c.delete)
                 .bind(id)
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
             if n == 0 {
-                return Err(StoreError::not_found("floor", id));
+                return Err(StoreError::not_found(c.what, id));
             }
             insert_audit(conn, std::slice::from_ref(&audit)).await?;
             Ok(())
@@ -1067,4 +1069,12 @@ impl Store {
         .await;
         tx.finish(r).await
     }
+}
+
+/// A row kind that may only be deleted while nothing refers to it.
+struct Childless {
+    what: &'static str,
+    children: &'static str,
+    delete: &'static str,
+    conflict: &'static str,
 }
