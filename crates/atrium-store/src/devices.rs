@@ -98,22 +98,7 @@ async fn insert_device(conn: &mut AnyConnection, d: &NewDevice) -> Result<Device
             },
         );
     }
-    Ok(Device {
-        id: d.id.clone(),
-        status: d.status,
-        status_reason: d.status_reason.clone(),
-        identity: d.identity.clone(),
-        key_fingerprint: d.key_fingerprint.clone(),
-        public_key_der: d.public_key_der.clone(),
-        enrollment: d.enrollment.clone(),
-        tags: d.tags.clone(),
-        inventory: BTreeMap::new(),
-        inventory_updated_ms: None,
-        created_ms: d.now_ms,
-        updated_ms: d.now_ms,
-        last_seen_ms: None,
-        connected: false,
-    })
+    Ok(crate::enroll::inserted_device(d))
 }
 
 async fn update_device(conn: &mut AnyConnection, u: &DeviceUpdate) -> Result<Device, StoreError> {

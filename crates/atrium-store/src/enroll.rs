@@ -163,7 +163,8 @@ fn first_strings(rows: &[AnyRow]) -> Result<HashSet<String>, StoreError> {
     rows.iter().map(|r| rows::get_at::<String>(r, 0)).collect()
 }
 
-fn inserted_device(d: &NewDevice) -> Device {
+/// The device record an insert of `d` produces (nothing reported yet).
+pub(crate) fn inserted_device(d: &NewDevice) -> Device {
     Device {
         id: d.id.clone(),
         status: d.status,
