@@ -314,40 +314,36 @@ impl TestAgent {
         }
     }
 
+    /// Waits (20 s at most) for a state from which `pick` takes a value.
+    async fn wait_pick(&mut self, what: &str, pick: fn(&AgentState) -> Option<String>) -> String {
+        let state = self
+            .wait_for(what, Duration::from_secs(20), |s| pick(s).is_some())
+            .await;
+        pick(&state).unwrap_or_default()
+    }
+
     pub async fn connected(&mut self) -> String {
-        match self
-            .wait_for("connected", Duration::from_secs(20), |s| {
-                matches!(s, AgentState::Connected { .. })
-            })
-            .await
-        {
-            AgentState::Connected { device_id } => device_id,
-            _ => unreachable!(),
-        }
+        self.wait_pick("connected", |s| match s {
+            AgentState::Connected { device_id } => Some(device_id.clone()),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn pending(&mut self) -> String {
-        match self
-            .wait_for("pending", Duration::from_secs(20), |s| {
-                matches!(s, AgentState::Pending { .. })
-            })
-            .await
-        {
-            AgentState::Pending { device_id } => device_id,
-            _ => unreachable!(),
-        }
+        self.wait_pick("pending", |s| match s {
+            AgentState::Pending { device_id } => Some(device_id.clone()),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn refused(&mut self) -> String {
-        match self
-            .wait_for("refused", Duration::from_secs(20), |s| {
-                matches!(s, AgentState::Refused { .. })
-            })
-            .await
-        {
-            AgentState::Refused { reason } => reason,
-            _ => unreachable!(),
-        }
+        self.wait_pick("refused", |s| match s {
+            AgentState::Refused { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn stop(&mut self) {
