@@ -54,6 +54,21 @@ impl SqlBuilder {
         self
     }
 
+    /// Appends `rows` groups of `columns` parameters: `(p, p), (p, p), ...` for multi-row INSERTs.
+    pub(crate) fn values(&mut self, rows: usize, columns: usize) -> &mut Self {
+        for row in 0..rows {
+            self.push(if row == 0 { "(" } else { ", (" });
+            for column in 0..columns {
+                if column > 0 {
+                    self.push(", ");
+                }
+                self.param();
+            }
+            self.push(")");
+        }
+        self
+    }
+
     /// The finished SQL (built only from literals and placeholders, never from values).
     pub(crate) fn query<'q>(self) -> Query<'q, Any, AnyArguments> {
         sqlx::query(AssertSqlSafe(self.sql))

@@ -790,19 +790,7 @@ impl Store {
                     backend,
                     "INSERT INTO telemetry (device_id, node, quantity, time_ms, value) VALUES ",
                 );
-                for i in 0..chunk.len() {
-                    q.push(if i == 0 { "(" } else { ", (" });
-                    q.param()
-                        .push(", ")
-                        .param()
-                        .push(", ")
-                        .param()
-                        .push(", ")
-                        .param()
-                        .push(", ")
-                        .param()
-                        .push(")");
-                }
+                q.values(chunk.len(), 5);
                 let mut query = q.query();
                 for (device, r) in chunk {
                     query = query
@@ -820,10 +808,7 @@ impl Store {
                     backend,
                     "INSERT INTO telemetry_marks (device_id, batch_seq, updated_ms) VALUES ",
                 );
-                for i in 0..chunk.len() {
-                    q.push(if i == 0 { "(" } else { ", (" });
-                    q.param().push(", ").param().push(", ").param().push(")");
-                }
+                q.values(chunk.len(), 3);
                 q.push(
                     " ON CONFLICT (device_id) DO UPDATE SET batch_seq = excluded.batch_seq, \
                      updated_ms = excluded.updated_ms",
@@ -890,16 +875,7 @@ impl Store {
                     "INSERT INTO room_history (room_id, minute_ms, co2_ppm, temperature_c, humidity_pct, \
                      occupancy_probability, people, occupied) VALUES ",
                 );
-                for i in 0..chunk.len() {
-                    q.push(if i == 0 { "(" } else { ", (" });
-                    for j in 0..8 {
-                        if j > 0 {
-                            q.push(", ");
-                        }
-                        q.param();
-                    }
-                    q.push(")");
-                }
+                q.values(chunk.len(), 8);
                 q.push(
                     " ON CONFLICT (room_id, minute_ms) DO UPDATE SET co2_ppm = excluded.co2_ppm, \
                      temperature_c = excluded.temperature_c, humidity_pct = excluded.humidity_pct, \
@@ -976,17 +952,7 @@ impl Store {
                     backend,
                     "INSERT INTO room_events (room_id, time_ms, kind, detail) VALUES ",
                 );
-                for i in 0..chunk.len() {
-                    q.push(if i == 0 { "(" } else { ", (" });
-                    q.param()
-                        .push(", ")
-                        .param()
-                        .push(", ")
-                        .param()
-                        .push(", ")
-                        .param()
-                        .push(")");
-                }
+                q.values(chunk.len(), 4);
                 let mut query = q.query();
                 for e in chunk {
                     query = query
