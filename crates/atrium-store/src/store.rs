@@ -96,10 +96,16 @@ const MIGRATIONS: &[MigrationFile] = &[
         sqlite: include_str!("../migrations/sqlite/0002_rooms.sql"),
         postgres: include_str!("../migrations/postgres/0002_rooms.sql"),
     },
+    MigrationFile {
+        version: 3,
+        description: "users",
+        sqlite: include_str!("../migrations/sqlite/0003_users.sql"),
+        postgres: include_str!("../migrations/postgres/0003_users.sql"),
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_SCHEMA_VERSION: i64 = 2;
+pub const LATEST_SCHEMA_VERSION: i64 = 3;
 
 /// The file names of the embedded migrations, for the test that keeps the list honest.
 #[doc(hidden)]

@@ -11,32 +11,7 @@ use serde_json::json;
 
 use crate::support::{T0, TestDb, cert, enrollment, exec_raw, fp, identity, op};
 
-/// Instantiates each case once per backend: `sqlite::case` and `postgres::case`.
-macro_rules! conformance_suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let db = crate::support::TestDb::sqlite().await;
-                    super::$case(&db).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(db) = crate::support::TestDb::postgres().await else { return };
-                    super::$case(&db).await;
-                    db.store.close().await;
-                }
-            )*
-        }
-    };
-}
-
-conformance_suite!(
+backend_suite!(
     migrations_are_idempotent_on_reopen,
     enroll_list_accept_reject_revokes_certificates,
     invalid_transitions_are_refused,

@@ -8,31 +8,7 @@ use serde_json::json;
 
 use crate::support::{T0, TestDb, enrollment, op};
 
-macro_rules! rooms_suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let db = crate::support::TestDb::sqlite().await;
-                    super::$case(&db).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(db) = crate::support::TestDb::postgres().await else { return };
-                    super::$case(&db).await;
-                    db.store.close().await;
-                }
-            )*
-        }
-    };
-}
-
-rooms_suite!(
+backend_suite!(
     buildings_floors_rooms_crud_is_audited,
     sensor_nodes_give_each_gateway_its_rooms,
     telemetry_is_stored_once_per_high_water_mark,
