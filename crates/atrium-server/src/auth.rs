@@ -1,4 +1,5 @@
-//! API tokens: the first admin token, bearer authentication and roles.
+//! Who is calling: API tokens (the first admin token, bearer authentication), browser
+//! sessions of operator accounts (cookie + CSRF token), and roles.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use base64::Engine as _;
 use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 
-use crate::Ctx;
 use crate::api::error::ApiError;
 use crate::config::ADMIN_TOKEN_FILE;
+use crate::{Ctx, accounts};
 
 /// Prefix of every Atrium API token, so secret scanners can find leaked ones.
 const TOKEN_PREFIX: &str = "atr_";
@@ -61,10 +62,25 @@ pub async fn bootstrap_admin_token(
 /// The authenticated caller of an API request.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// `token:<name>`, as written to the audit log.
+    /// `token:<name>` or `user:<name>`, as written to the audit log.
     pub actor: String,
-    /// What the token may do.
+    /// What the token or account may do.
     pub role: Role,
+    /// The browser session, when the caller authenticated with the session cookie.
+    pub session: Option<SessionInfo>,
+}
+
+/// The browser session a request came with.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// SHA-256 hex of the cookie secret.
+    pub id_hash: String,
+    /// The account's username.
+    pub username: String,
+    /// The CSRF token of the session.
+    pub csrf_token: String,
+    /// When the session ends, unix ms.
+    pub expires_ms: i64,
 }
 
 fn rank(role: Role) -> u8 {
@@ -82,7 +98,7 @@ impl Caller {
             Ok(())
         } else {
             Err(ApiError::Forbidden(format!(
-                "this needs the {} role; the token has {}",
+                "this needs the {} role; you have {}",
                 role.as_str(),
                 self.role.as_str()
             )))
@@ -99,31 +115,66 @@ impl FromRequestParts<Arc<Ctx>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Ctx>) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::Unauthorized("missing Authorization: Bearer <token>".into())
-            })?;
-        let secret = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::Unauthorized("Authorization must be `Bearer <token>`".into())
-            })?;
-        let token = ctx
+        if let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+            return bearer_caller(header, ctx).await;
+        }
+        let Some(secret) = accounts::session_cookie(&parts.headers) else {
+            return Err(ApiError::Unauthorized(
+                "log in, or send Authorization: Bearer <token>".into(),
+            ));
+        };
+        let id_hash = hash_secret(secret);
+        let (session, user) = ctx
             .store
-            .token_by_hash(&hash_secret(secret))
+            .session_by_hash(&id_hash, crate::now_ms())
             .await?
-            .filter(|t| !t.revoked)
-            .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
+            .ok_or_else(|| ApiError::Unauthorized("the session has ended; log in again".into()))?;
+        // Cookies ride along with cross-site requests; a state change must also prove it
+        // comes from a page of ours, which alone can read the session's CSRF token.
+        if !parts.method.is_safe() {
+            let sent = parts
+                .headers
+                .get(accounts::CSRF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !accounts::same_secret(sent, &session.csrf_token) {
+                return Err(ApiError::Forbidden(format!(
+                    "missing or wrong {} header",
+                    accounts::CSRF_HEADER
+                )));
+            }
+        }
         Ok(Caller {
-            actor: format!("token:{}", token.name),
-            role: token.role,
+            actor: format!("user:{}", user.username),
+            role: user.role,
+            session: Some(SessionInfo {
+                id_hash,
+                username: user.username,
+                csrf_token: session.csrf_token,
+                expires_ms: session.expires_ms,
+            }),
         })
     }
+}
+
+async fn bearer_caller(header: &axum::http::HeaderValue, ctx: &Ctx) -> Result<Caller, ApiError> {
+    let secret = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::Unauthorized("Authorization must be `Bearer <token>`".into()))?;
+    let token = ctx
+        .store
+        .token_by_hash(&hash_secret(secret))
+        .await?
+        .filter(|t| !t.revoked)
+        .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
+    Ok(Caller {
+        actor: format!("token:{}", token.name),
+        role: token.role,
+        session: None,
+    })
 }
 
 #[cfg(test)]
@@ -145,6 +196,7 @@ mod tests {
         let caller = |role| Caller {
             actor: "token:t".into(),
             role,
+            session: None,
         };
         assert!(caller(Role::Admin).require(Role::Operator).is_ok());
         assert!(caller(Role::Operator).require(Role::Operator).is_ok());

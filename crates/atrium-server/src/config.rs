@@ -85,6 +85,8 @@ pub const DEFAULT_API_PORT: u16 = 8443;
 pub const DEFAULT_LINK_PORT: u16 = 8444;
 /// File in the data directory that holds the first admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// File in the data directory holding the first admin account's password (0600).
+pub const ADMIN_PASSWORD_FILE: &str = "admin.password";
 /// File in the data directory with the CA bundle agents and the CLI trust.
 pub const CA_BUNDLE_FILE: &str = "ca.pem";
 

@@ -8,6 +8,7 @@
 //! state the API serves and streams (SSE).
 #![forbid(unsafe_code)]
 
+mod accounts;
 pub mod api;
 mod auth;
 pub mod config;
@@ -17,6 +18,7 @@ mod ingest;
 mod link;
 mod registry;
 pub mod rooms;
+mod web;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -47,6 +49,7 @@ pub struct Ctx {
     pub rooms: Arc<rooms::RoomHub>,
     enroller: enroll::Enroller,
     ingest: ingest::Ingest,
+    logins: accounts::LoginGuard,
     /// Cancelled when the node shuts down (ends live streams).
     shutdown: CancellationToken,
 }
@@ -94,6 +97,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     )
     .context("writing the CA bundle")?;
     let created_admin_token = auth::bootstrap_admin_token(&store, &config.data_dir).await?;
+    accounts::bootstrap_admin_user(&store, &config.data_dir).await?;
     let server_identity = ca
         .issue_server_cert(&config.server_names, Duration::from_secs(365 * 24 * 3600))
         .context("issuing the server certificate")?;
@@ -123,6 +127,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         rooms: hub,
         enroller,
         ingest,
+        logins: accounts::LoginGuard::default(),
         shutdown: shutdown.clone(),
     });
 
@@ -154,6 +159,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     ));
     tasks.spawn(link::flush_last_seen(ctx.clone(), shutdown.clone()));
     tasks.spawn(rooms::flush(ctx.clone(), shutdown.clone()));
+    tasks.spawn(purge_sessions(ctx.clone(), shutdown.clone()));
     tracing::info!(%api_addr, %link_addr, "atrium server started");
     Ok(RunningServer {
         api_addr,
@@ -163,6 +169,22 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown,
         tasks,
     })
+}
+
+/// Deletes expired dashboard sessions every hour.
+async fn purge_sessions(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match ctx.store.purge_expired_sessions(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(sessions = n, "purged expired sessions"),
+            Err(e) => tracing::warn!(error = %e, "purging expired sessions failed"),
+        }
+    }
 }
 
 /// Creates `dir` (and parents) readable by the owner only.

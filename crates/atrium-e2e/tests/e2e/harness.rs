@@ -105,6 +105,11 @@ impl TestServer {
         format!("https://{}", self.config.api_listen)
     }
 
+    /// The HTTPS client that trusts this server's CA (no credentials attached).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub fn link_url(&self) -> String {
         format!("wss://{}", self.config.link_listen)
     }

@@ -3,6 +3,7 @@
 //! PostgreSQL must run at 127.0.0.1:5432 (user postgres, trust) or `ATRIUM_TEST_POSTGRES_URL`;
 //! without it the PostgreSQL half fails with instructions, unless `ATRIUM_SKIP_POSTGRES=1`.
 
+mod accounts;
 mod harness;
 mod identity;
 mod rooms;

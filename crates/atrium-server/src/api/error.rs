@@ -27,6 +27,9 @@ pub enum ApiError {
     /// The request body is over the limit (413).
     #[error("{0}")]
     TooLarge(String),
+    /// Too many attempts; try again later (429).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// The server failed; details are logged, not sent (500).
     #[error("internal error")]
     Internal(String),
@@ -44,6 +47,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -1,11 +1,12 @@
 //! The REST API (`/api/v1`), its OpenAPI document, and health endpoints.
 //!
-//! Operators authenticate with bearer tokens ([`crate::auth::Caller`]); devices enroll without
-//! one (their CSR and, for zero-touch, their factory certificate are their credentials).
+//! Operators authenticate with bearer tokens or a dashboard session cookie plus its CSRF
+//! token ([`crate::auth::Caller`], [`session`]); devices enroll without one (their CSR and, for zero-touch, their factory certificate are their credentials).
 //! Every mutation writes an audit entry in the same transaction as the change.
 
 pub mod error;
 pub mod rooms;
+pub mod session;
 pub mod types;
 
 use std::sync::Arc;
@@ -44,7 +45,9 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         rooms::create_room, rooms::list_rooms, rooms::show_room, rooms::update_room,
         rooms::delete_room, rooms::put_sensor_node, rooms::list_sensor_nodes,
         rooms::room_history, rooms::room_events, rooms::room_utilization,
-        rooms::telemetry_stats, rooms::room_stream
+        rooms::telemetry_stats, rooms::room_stream,
+        session::login, session::current, session::logout, session::change_password,
+        session::list_users, session::create_user, session::update_user
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -137,6 +140,19 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/v1/sensor-nodes/{node}", put(rooms::put_sensor_node))
         .route("/api/v1/telemetry/stats", get(rooms::telemetry_stats))
         .route("/api/v1/events/rooms", get(rooms::room_stream))
+        .route(
+            "/api/v1/session",
+            get(session::current)
+                .post(session::login)
+                .delete(session::logout),
+        )
+        .route("/api/v1/session/password", post(session::change_password))
+        .route(
+            "/api/v1/users",
+            get(session::list_users).post(session::create_user),
+        )
+        .route("/api/v1/users/{username}", put(session::update_user))
+        .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(ctx)
 }

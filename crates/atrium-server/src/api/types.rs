@@ -191,3 +191,110 @@ pub struct ErrorBody {
     /// What went wrong, in words an operator can act on.
     pub error: String,
 }
+
+/// Logs in to the dashboard.
+#[derive(Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LoginRequest {
+    /// Account name.
+    pub username: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The logged-in account of a browser session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    /// Account name.
+    pub username: String,
+    /// viewer, operator or admin.
+    pub role: String,
+    /// Send this in the `X-CSRF-Token` header of every request that changes something.
+    pub csrf_token: String,
+    /// When the session ends, unix ms.
+    pub expires_ms: i64,
+}
+
+/// Changes the caller's own password.
+#[derive(Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PasswordChange {
+    /// The password now.
+    pub current_password: String,
+    /// The new password (at least 12 characters).
+    pub new_password: String,
+}
+
+impl std::fmt::Debug for PasswordChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordChange { <redacted> }")
+    }
+}
+
+/// An operator account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    /// Account name.
+    pub username: String,
+    /// viewer, operator or admin.
+    pub role: String,
+    /// A disabled account cannot log in.
+    pub disabled: bool,
+    /// Unix ms.
+    pub created_ms: i64,
+    /// Last change, unix ms.
+    pub updated_ms: i64,
+    /// Last successful login, unix ms.
+    pub last_login_ms: Option<i64>,
+}
+
+/// Creates an operator account.
+#[derive(Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NewUserRequest {
+    /// Account name: 1-64 letters, digits, `.`, `_`, `-`, `@`.
+    pub username: String,
+    /// Initial password (at least 12 characters).
+    pub password: String,
+    /// viewer, operator or admin.
+    pub role: String,
+}
+
+impl std::fmt::Debug for NewUserRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewUserRequest")
+            .field("username", &self.username)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Changes an operator account; absent fields stay as they are.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UserUpdateRequest {
+    /// New role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// New password (ends the account's sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Disable (ends the account's sessions) or enable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+}
+
+impl std::fmt::Debug for UserUpdateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserUpdateRequest")
+            .field("role", &self.role)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("disabled", &self.disabled)
+            .finish()
+    }
+}
