@@ -1,0 +1,88 @@
+// Audit log: every operator action and lifecycle change, newest first, following new entries.
+import { api, boot, h, flash, timeEl } from './app.js';
+
+const PAGE = 1000;
+const SHOW_STEP = 200;
+const POLL_MS = 5000;
+let entries = []; // oldest first
+let shown = SHOW_STEP;
+let generation = 0;
+
+function query(since) {
+  const q = new URLSearchParams({ limit: String(PAGE), since: String(since) });
+  if (document.getElementById('action').value) q.set('action', document.getElementById('action').value);
+  if (document.getElementById('target').value.trim()) q.set('target', document.getElementById('target').value.trim());
+  return `/audit?${q}`;
+}
+
+/** Reads entries after `since`, page by page (the API lists oldest first). */
+async function readAfter(since) {
+  const out = [];
+  for (;;) {
+    const page = await api(query(since));
+    out.push(...page);
+    if (page.length < PAGE) return out;
+    since = page[page.length - 1].seq;
+  }
+}
+
+function targetCell(e) {
+  if (e.action.startsWith('device.') && e.action !== 'device.preauthorize' && e.target) {
+    return h('a', { href: `device.html?id=${encodeURIComponent(e.target)}` }, e.target);
+  }
+  return e.target || '–';
+}
+
+function draw() {
+  const tbody = document.querySelector('#audit tbody');
+  const newest = entries.slice(-shown).reverse();
+  tbody.replaceChildren(...(newest.length ? newest.map((e) => h('tr', { 'data-action': e.action, 'data-target': e.target },
+    h('td', { class: 'num' }, String(e.seq)),
+    h('td', {}, timeEl(e.time_ms)),
+    h('td', {}, e.actor),
+    h('td', {}, e.action),
+    h('td', { class: 'mono small' }, targetCell(e)),
+    h('td', { class: 'mono small' }, e.details && Object.keys(e.details).length ? JSON.stringify(e.details) : '–')))
+    : [h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No entries.'))]));
+  document.getElementById('more').hidden = entries.length <= shown;
+  document.getElementById('count').textContent = `${entries.length} entries`;
+}
+
+async function load() {
+  const mine = ++generation;
+  const all = await readAfter(0);
+  if (mine !== generation) return;
+  entries = all;
+  shown = SHOW_STEP;
+  draw();
+}
+
+async function poll() {
+  const mine = generation;
+  const last = entries.length ? entries[entries.length - 1].seq : 0;
+  const fresh = await readAfter(last);
+  if (mine !== generation || fresh.length === 0) return;
+  entries.push(...fresh);
+  draw();
+}
+
+async function main() {
+  await boot({ page: 'audit' });
+  const form = document.getElementById('filter');
+  const params = new URLSearchParams(location.search);
+  if (params.get('action')) document.getElementById('action').value = params.get('action');
+  if (params.get('target')) document.getElementById('target').value = params.get('target');
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    load().catch((err) => flash(err.message, 'error'));
+  });
+  document.getElementById('action').addEventListener('change', () => load().catch((err) => flash(err.message, 'error')));
+  document.getElementById('more').addEventListener('click', () => {
+    shown += SHOW_STEP;
+    draw();
+  });
+  await load();
+  setInterval(() => poll().catch((e) => flash(e.message, 'error')), POLL_MS);
+}
+
+main().catch((e) => flash(e.message, 'error'));

@@ -1,0 +1,182 @@
+// One device: state, identity, inventory, twin, and its audit trail.
+import { api, ApiError, boot, can, h, flash, act, param, fmtAgo, fmtDateTime, timeEl } from './app.js';
+import { statusBadge, linkBadge, actionButtons, pairsText } from './fleet.js';
+
+const id = param('id');
+/** Top-level desired keys the server maintains (rooms come from the rooms API). */
+const SERVER_KEYS = ['rooms'];
+
+function facts(el, pairs) {
+  el.replaceChildren(...pairs.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, v ?? '–')]));
+}
+
+const KB_KEYS = new Set(['memory_total_kb', 'memory_available_kb', 'disk_root_total_kb', 'disk_root_available_kb']);
+
+function inventoryValue(key, value) {
+  const n = Number(value);
+  if (KB_KEYS.has(key) && Number.isFinite(n)) return `${(n / 1048576).toFixed(2)} GiB`;
+  if (key === 'uptime_s' && Number.isFinite(n)) {
+    const d = Math.floor(n / 86400);
+    const hh = Math.floor((n % 86400) / 3600);
+    const mm = Math.floor((n % 3600) / 60);
+    return `${d ? `${d} d ` : ''}${hh} h ${mm} min`;
+  }
+  return value;
+}
+
+function draw(d) {
+  const name = d.identity.serial || d.id;
+  document.title = `${name} · Atrium`;
+  document.getElementById('device-name').textContent = name;
+  document.getElementById('device-badges').replaceChildren(statusBadge(d.status), ' ', linkBadge(d.connected));
+  facts(document.getElementById('state'), [
+    ['Status', statusBadge(d.status)],
+    ['Why', d.status_reason || '–'],
+    ['Link', linkBadge(d.connected)],
+    ['Last seen', d.last_seen_ms ? timeEl(d.last_seen_ms, `${fmtAgo(d.last_seen_ms)} (${fmtDateTime(d.last_seen_ms)})`) : 'never'],
+    ['Enrolled', timeEl(d.created_ms)],
+    ['Last change', timeEl(d.updated_ms)],
+    ['Admitted by', d.enrollment],
+    ['Tags', pairsText(d.tags)],
+  ]);
+  // Redraw the buttons only when the status changes, so a refresh does not steal the focus.
+  const actions = document.getElementById('actions');
+  if (actions.dataset.status !== d.status) {
+    actions.dataset.status = d.status;
+    actions.replaceChildren(...actionButtons(d, (updated) => {
+      draw(updated);
+      drawAudit().catch((e) => flash(e.message, 'error'));
+    }));
+  }
+  facts(document.getElementById('identity'), [
+    ['Device id', h('code', {}, d.id)],
+    ['Serial', d.identity.serial],
+    ['MAC', h('code', {}, d.identity.mac)],
+    ['Device type', d.identity.device_type],
+    ['Hardware model', d.identity.hardware_model || '–'],
+    ['Key fingerprint', h('code', {}, d.key_fingerprint)],
+    ...Object.entries(d.identity.extra || {}).map(([k, v]) => [k, v]),
+  ]);
+  const inv = Object.entries(d.inventory || {});
+  document.getElementById('inventory-when').textContent = d.inventory_updated_ms
+    ? `Reported ${fmtAgo(d.inventory_updated_ms)} (${fmtDateTime(d.inventory_updated_ms)}).` : 'Not reported yet.';
+  document.getElementById('inventory').replaceChildren(inv.length
+    ? h('div', { class: 'table-wrap' }, h('table', {},
+      h('caption', { class: 'visually-hidden' }, 'Inventory attributes'),
+      h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Attribute'), h('th', { scope: 'col' }, 'Value'))),
+      h('tbody', {}, inv.map(([k, v]) => h('tr', {}, h('th', { scope: 'row' }, k), h('td', { class: 'mono' }, inventoryValue(k, v)))))))
+    : h('p', { class: 'muted' }, 'No inventory yet.'));
+}
+
+async function drawAudit() {
+  const entries = await api(`/audit?target=${encodeURIComponent(id)}&limit=200`);
+  const box = document.getElementById('audit');
+  if (entries.length === 0) {
+    box.replaceChildren(h('p', { class: 'muted' }, 'No entries.'));
+    return;
+  }
+  box.replaceChildren(h('div', { class: 'table-wrap' }, h('table', {},
+    h('thead', {}, h('tr', {}, ['Time', 'Who', 'What', 'Details'].map((t) => h('th', { scope: 'col' }, t)))),
+    h('tbody', {}, [...entries].reverse().map((e) => h('tr', { 'data-action': e.action },
+      h('td', {}, timeEl(e.time_ms)), h('td', {}, e.actor), h('td', {}, e.action),
+      h('td', { class: 'mono small' }, JSON.stringify(e.details))))))));
+}
+
+/** Whether this server has device twins (older servers do not). */
+async function twinsAvailable() {
+  const doc = await api('/openapi.json');
+  return !!(doc && doc.paths && doc.paths['/api/v1/devices/{id}/twin']);
+}
+
+function metaTable(meta) {
+  const rows = Object.entries(meta || {}).filter(([, m]) => m && typeof m === 'object');
+  if (rows.length === 0) return null;
+  return h('details', {}, h('summary', {}, 'When each key changed'),
+    h('div', { class: 'table-wrap' }, h('table', {},
+      h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Key'), h('th', { scope: 'col' }, 'Version'), h('th', { scope: 'col' }, 'Changed'))),
+      h('tbody', {}, rows.map(([k, m]) => h('tr', {}, h('td', { class: 'mono' }, k), h('td', { class: 'num' }, String(m.version ?? '–')),
+        h('td', {}, m.updated_ms ? timeEl(m.updated_ms) : '–')))))));
+}
+
+function section(title, s, extra) {
+  return h('div', { 'data-twin-section': title.toLowerCase() },
+    h('h3', {}, `${title} `, h('span', { class: 'muted small' }, `version ${s.version}`)),
+    h('pre', { class: 'json' }, JSON.stringify(s.doc, null, 2)),
+    metaTable(s.meta), extra || null);
+}
+
+async function drawTwin() {
+  const box = document.getElementById('twin');
+  if (!(await twinsAvailable())) {
+    box.replaceChildren(h('p', { id: 'twin-unavailable' }, 'Twin: not available in this version of the server.'));
+    return;
+  }
+  let twin;
+  try {
+    twin = await api(`/devices/${encodeURIComponent(id)}/twin`);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) {
+      box.replaceChildren(h('p', { class: 'muted' }, `No twin: ${e.message}`));
+      return;
+    }
+    throw e;
+  }
+  const editable = Object.fromEntries(Object.entries(twin.desired.doc || {}).filter(([k]) => !SERVER_KEYS.includes(k)));
+  let editor = null;
+  if (can('operator')) {
+    const area = h('textarea', { id: 'twin-desired', name: 'desired', rows: 10, spellcheck: 'false' }, JSON.stringify(editable, null, 2));
+    const save = h('button', { type: 'submit' }, 'Save desired state');
+    const form = h('form', { class: 'stack', id: 'twin-form' },
+      h('div', {},
+        h('label', { for: 'twin-desired' }, 'Desired configuration ',
+          h('span', { class: 'hint' }, `JSON object; replaces the desired section except ${SERVER_KEYS.join(', ')} (maintained by the server)`)),
+        area),
+      h('div', { class: 'actions' }, save));
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      let doc;
+      try {
+        doc = JSON.parse(area.value);
+      } catch (err) {
+        flash(`The desired configuration is not valid JSON: ${err.message}`, 'error');
+        area.focus();
+        return;
+      }
+      if (!doc || typeof doc !== 'object' || Array.isArray(doc)) {
+        flash('The desired configuration must be a JSON object.', 'error');
+        return;
+      }
+      const updated = await act(save, () => api(`/devices/${encodeURIComponent(id)}/twin/desired`, {
+        method: 'PUT', body: doc, headers: { 'If-Match': `"${twin.desired.version}"` },
+      }), (t) => `Desired state saved (version ${t.desired.version}).`);
+      if (updated) {
+        await drawTwin();
+        drawAudit().catch((err) => flash(err.message, 'error'));
+      }
+    });
+    editor = h('div', {}, h('h3', {}, 'Edit'), form);
+  }
+  box.replaceChildren(h('div', { class: 'twin-grid' },
+    section('Desired', twin.desired),
+    section('Reported', twin.reported)), editor);
+}
+
+async function main() {
+  await boot({ page: 'devices' });
+  if (!id) {
+    flash('No device given: open a device from the devices page.', 'error');
+    return;
+  }
+  const device = await api(`/devices/${encodeURIComponent(id)}`);
+  draw(device);
+  await Promise.all([drawAudit(), drawTwin()]);
+  setInterval(async () => {
+    try {
+      draw(await api(`/devices/${encodeURIComponent(id)}`));
+    } catch (e) {
+      flash(e.message, 'error');
+    }
+  }, 10000);
+}
+
+main().catch((e) => flash(e.message, 'error'));
