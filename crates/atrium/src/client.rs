@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -35,6 +35,28 @@ pub struct Connection {
         global = true
     )]
     pub data_dir: PathBuf,
+}
+
+/// An answer of the server other than success: its status and its `{"error": ...}` text.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: reqwest::StatusCode,
+    /// The server's reason (empty when it gave none).
+    pub reason: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.reason)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The HTTP status of a failed request, when the server answered.
+pub fn status_of(error: &anyhow::Error) -> Option<reqwest::StatusCode> {
+    error.downcast_ref::<ApiError>().map(|e| e.status)
 }
 
 /// An authenticated API client.
@@ -108,7 +130,7 @@ impl Client {
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or_default();
-        bail!("{status}: {reason}")
+        Err(ApiError { status, reason }.into())
     }
 
     /// GET a JSON resource.
@@ -128,6 +150,16 @@ impl Client {
         body: &impl Serialize,
     ) -> anyhow::Result<T> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    /// PUT a JSON body.
+    pub async fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
             .await
     }
 }

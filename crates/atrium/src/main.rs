@@ -1,8 +1,7 @@
 //! `atrium`: the server and its admin CLI.
 #![forbid(unsafe_code)]
 
-mod client;
-mod demo;
+use atrium::{client, demo};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,7 +26,8 @@ struct Cli {
 enum Command {
     /// Runs the server.
     Server(ServerFlags),
-    /// Runs a demo: a server on localhost with simulated gateways running the real agent.
+    /// Runs the demo: a server on localhost with a simulated office (rooms, sensors, gateways
+    /// running the real agent), compressed in time with --speed.
     Demo(demo::DemoArgs),
     /// Devices: list, inspect, accept, reject, decommission, pre-authorize.
     #[command(subcommand)]

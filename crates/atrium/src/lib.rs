@@ -1,0 +1,6 @@
+//! The `atrium` command as a library: the REST API client the CLI uses, and the demo (a
+//! server with a simulated office), so tests and tools can start the demo themselves.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod demo;
