@@ -230,7 +230,8 @@ export function confirmDialog({ title, message, confirmLabel = 'Confirm', danger
 /**
  * Follows the live room stream (server-sent events). Calls onState(room_id, state) and
  * onEvent(room_id, event); onStatus('live' | 'reconnecting'). Reconnects by itself; when
- * the session has ended it goes to the login page. Returns a function that stops it.
+ * the session has ended it goes to the login page; after dropped updates it reads every
+ * room's state again. Returns a function that stops it.
  */
 export function roomStream({ onState, onEvent, onStatus }) {
   let source = null;
@@ -255,6 +256,16 @@ export function roomStream({ onState, onEvent, onStatus }) {
     source.addEventListener('state', (e) => {
       const d = parse(e);
       if (d && d.room_id && d.state) onState && onState(d.room_id, d.state);
+    });
+    source.addEventListener('lagged', async () => {
+      // Updates were dropped while this page fell behind: read every room's state afresh.
+      try {
+        for (const room of await api('/rooms')) {
+          if (room.state && onState) onState(room.id, room.state);
+        }
+      } catch {
+        /* the stream goes on; the next updates bring the rooms up to date */
+      }
     });
     source.addEventListener('event', (e) => {
       const d = parse(e);

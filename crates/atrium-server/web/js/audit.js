@@ -27,7 +27,8 @@ async function readAfter(since) {
 }
 
 function targetCell(e) {
-  if (e.action.startsWith('device.') && e.action !== 'device.preauthorize' && e.target) {
+  const aboutDevice = ['device.', 'twin.', 'certificate.'].some((p) => e.action.startsWith(p));
+  if (aboutDevice && e.action !== 'device.preauthorize' && e.target) {
     return h('a', { href: `device.html?id=${encodeURIComponent(e.target)}` }, e.target);
   }
   return e.target || '–';
@@ -38,11 +39,11 @@ function draw() {
   const newest = entries.slice(-shown).reverse();
   tbody.replaceChildren(...(newest.length ? newest.map((e) => h('tr', { 'data-action': e.action, 'data-target': e.target },
     h('td', { class: 'num' }, String(e.seq)),
-    h('td', {}, timeEl(e.time_ms)),
+    h('td', { class: 'nowrap' }, timeEl(e.time_ms)),
     h('td', {}, e.actor),
     h('td', {}, e.action),
     h('td', { class: 'mono small' }, targetCell(e)),
-    h('td', { class: 'mono small' }, e.details && Object.keys(e.details).length ? JSON.stringify(e.details) : '–')))
+    h('td', { class: 'mono small details' }, e.details && Object.keys(e.details).length ? JSON.stringify(e.details) : '–')))
     : [h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No entries.'))]));
   document.getElementById('more').hidden = entries.length <= shown;
   document.getElementById('count').textContent = `${entries.length} entries`;

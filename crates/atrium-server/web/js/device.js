@@ -78,8 +78,8 @@ async function drawAudit() {
   box.replaceChildren(h('div', { class: 'table-wrap' }, h('table', {},
     h('thead', {}, h('tr', {}, ['Time', 'Who', 'What', 'Details'].map((t) => h('th', { scope: 'col' }, t)))),
     h('tbody', {}, [...entries].reverse().map((e) => h('tr', { 'data-action': e.action },
-      h('td', {}, timeEl(e.time_ms)), h('td', {}, e.actor), h('td', {}, e.action),
-      h('td', { class: 'mono small' }, JSON.stringify(e.details))))))));
+      h('td', { class: 'nowrap' }, timeEl(e.time_ms)), h('td', {}, e.actor), h('td', {}, e.action),
+      h('td', { class: 'mono small details' }, JSON.stringify(e.details))))))));
 }
 
 /** Whether this server has device twins (older servers do not). */
@@ -105,60 +105,103 @@ function section(title, s, extra) {
     metaTable(s.meta), extra || null);
 }
 
+/** The twin editor's state: the desired version its text was based on, and that text. */
+const twinEdit = { version: null, text: null, area: null, note: null };
+
+function editableText(desired) {
+  const doc = Object.fromEntries(Object.entries(desired.doc || {}).filter(([k]) => !SERVER_KEYS.includes(k)));
+  return JSON.stringify(doc, null, 2);
+}
+
+/** Reads the twin and shows it; the editor keeps what the operator typed. */
 async function drawTwin() {
   const box = document.getElementById('twin');
-  if (!(await twinsAvailable())) {
-    box.replaceChildren(h('p', { id: 'twin-unavailable' }, 'Twin: not available in this version of the server.'));
-    return;
-  }
   let twin;
   try {
     twin = await api(`/devices/${encodeURIComponent(id)}/twin`);
   } catch (e) {
     if (e instanceof ApiError && e.status === 404) {
       box.replaceChildren(h('p', { class: 'muted' }, `No twin: ${e.message}`));
-      return;
+      return null;
     }
     throw e;
   }
-  const editable = Object.fromEntries(Object.entries(twin.desired.doc || {}).filter(([k]) => !SERVER_KEYS.includes(k)));
-  let editor = null;
-  if (can('operator')) {
-    const area = h('textarea', { id: 'twin-desired', name: 'desired', rows: 10, spellcheck: 'false' }, JSON.stringify(editable, null, 2));
-    const save = h('button', { type: 'submit' }, 'Save desired state');
-    const form = h('form', { class: 'stack', id: 'twin-form' },
-      h('div', {},
-        h('label', { for: 'twin-desired' }, 'Desired configuration ',
-          h('span', { class: 'hint' }, `JSON object; replaces the desired section except ${SERVER_KEYS.join(', ')} (maintained by the server)`)),
-        area),
-      h('div', { class: 'actions' }, save));
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
-      let doc;
-      try {
-        doc = JSON.parse(area.value);
-      } catch (err) {
-        flash(`The desired configuration is not valid JSON: ${err.message}`, 'error');
-        area.focus();
-        return;
-      }
-      if (!doc || typeof doc !== 'object' || Array.isArray(doc)) {
-        flash('The desired configuration must be a JSON object.', 'error');
-        return;
-      }
-      const updated = await act(save, () => api(`/devices/${encodeURIComponent(id)}/twin/desired`, {
-        method: 'PUT', body: doc, headers: { 'If-Match': `"${twin.desired.version}"` },
-      }), (t) => `Desired state saved (version ${t.desired.version}).`);
-      if (updated) {
-        await drawTwin();
-        drawAudit().catch((err) => flash(err.message, 'error'));
-      }
-    });
-    editor = h('div', {}, h('h3', {}, 'Edit'), form);
+  const sections = h('div', { class: 'twin-grid', id: 'twin-sections' }, section('Desired', twin.desired), section('Reported', twin.reported));
+  const current = document.getElementById('twin-sections');
+  if (current) {
+    current.replaceWith(sections);
+  } else {
+    box.replaceChildren(sections, can('operator') ? editor() : null);
   }
-  box.replaceChildren(h('div', { class: 'twin-grid' },
-    section('Desired', twin.desired),
-    section('Reported', twin.reported)), editor);
+  if (twinEdit.area) {
+    const untouched = twinEdit.text === null || twinEdit.area.value === twinEdit.text;
+    if (untouched) {
+      twinEdit.text = editableText(twin.desired);
+      twinEdit.area.value = twinEdit.text;
+      twinEdit.version = twin.desired.version;
+      setNote('');
+    } else if (twin.desired.version !== twinEdit.version) {
+      setNote(`The desired state changed to version ${twin.desired.version} since you started editing (shown above); saving replaces it with your text.`);
+    }
+  }
+  return twin;
+}
+
+function setNote(text) {
+  twinEdit.note.textContent = text;
+  twinEdit.note.hidden = !text;
+}
+
+function editor() {
+  const area = h('textarea', { id: 'twin-desired', name: 'desired', rows: 10, spellcheck: 'false' });
+  const note = h('p', { class: 'msg msg-info', role: 'status' });
+  const save = h('button', { type: 'submit' }, 'Save desired state');
+  const form = h('form', { class: 'stack', id: 'twin-form' },
+    h('div', {},
+      h('label', { for: 'twin-desired' }, 'Desired configuration ',
+        h('span', { class: 'hint' }, `JSON object; replaces the desired section except ${SERVER_KEYS.join(', ')} (maintained by the server)`)),
+      area),
+    note,
+    h('div', { class: 'actions' }, save));
+  Object.assign(twinEdit, { area, note, text: null, version: null });
+  note.hidden = true;
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    let doc;
+    try {
+      doc = JSON.parse(area.value);
+    } catch (err) {
+      flash(`The desired configuration is not valid JSON: ${err.message}`, 'error');
+      area.focus();
+      return;
+    }
+    if (!doc || typeof doc !== 'object' || Array.isArray(doc)) {
+      flash('The desired configuration must be a JSON object.', 'error');
+      return;
+    }
+    save.disabled = true;
+    try {
+      // If-Match: the write applies only to the version this text was based on.
+      const updated = await api(`/devices/${encodeURIComponent(id)}/twin/desired`, {
+        method: 'PUT', body: doc, headers: { 'If-Match': `"${twinEdit.version}"` },
+      });
+      twinEdit.text = null;
+      flash(`Desired state saved (version ${updated.desired.version}).`, 'ok');
+      await drawTwin();
+      drawAudit().catch((err) => flash(err.message, 'error'));
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 409) {
+        flash(`Not saved: the desired state changed meanwhile (${err.message}). The latest is shown; your text is kept. Check it and save again.`, 'error');
+        const latest = await drawTwin().catch(() => null);
+        if (latest) twinEdit.version = latest.desired.version;
+      } else {
+        flash(err.message, 'error');
+      }
+    } finally {
+      save.disabled = false;
+    }
+  });
+  return h('div', {}, h('h3', {}, 'Edit'), form);
 }
 
 async function main() {
@@ -169,10 +212,15 @@ async function main() {
   }
   const device = await api(`/devices/${encodeURIComponent(id)}`);
   draw(device);
-  await Promise.all([drawAudit(), drawTwin()]);
+  const twins = await twinsAvailable();
+  if (!twins) {
+    document.getElementById('twin').replaceChildren(h('p', { id: 'twin-unavailable' }, 'Twin: not available in this version of the server.'));
+  }
+  await Promise.all([drawAudit(), twins ? drawTwin() : null]);
   setInterval(async () => {
     try {
       draw(await api(`/devices/${encodeURIComponent(id)}`));
+      if (twins) await drawTwin();
     } catch (e) {
       flash(e.message, 'error');
     }
