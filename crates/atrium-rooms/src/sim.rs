@@ -343,7 +343,8 @@ impl RoomSim {
         readings.push(Reading::new(
             t_read,
             SensorKind::Temperature,
-            temp_c + 0.05 * rng.normal(),
+            // Sensors report to 0.01 °C.
+            ((temp_c + 0.05 * rng.normal()) * 100.0).round() / 100.0,
         ));
         let true_humidity_pct = (self.moisture_g_m3 / saturation_vapour_density(temp_c) * 100.0)
             .clamp(0.0, MAX_HUMIDITY_PCT);
