@@ -9,7 +9,6 @@ mod harness;
 mod identity;
 mod rooms;
 mod web;
-mod web;
 
 /// Instantiates each scenario `async fn name(Backend)` once per storage backend.
 macro_rules! both_backends {
