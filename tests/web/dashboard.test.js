@@ -102,6 +102,14 @@ test('the room page charts the last hours and shows the air-change rate', async 
   await page.goto(ui(''));
   const link = page.locator('.tile h3 a').first();
   const name = (await link.innerText()).trim();
+  // Let the room gather some history first (the demo's clock runs fast).
+  const id = await page.locator('.tile').first().getAttribute('data-room-id');
+  await eventually('90 minutes of room history', async () => {
+    const room = await (await admin.context.request.get(`${env.url}/api/v1/rooms/${encodeURIComponent(id)}`)).json();
+    const to = room.state.updated_ms + 60000;
+    const r = await admin.context.request.get(`${env.url}/api/v1/rooms/${encodeURIComponent(id)}/history?from=${to - 4 * 3600000}&to=${to}`);
+    return r.ok() && (await r.json()).length >= 90;
+  }, 120000, 1000).catch(() => { /* a nicer screenshot only: the charts are checked below anyway */ });
   await link.click();
   await page.waitForURL(/room\.html\?id=/);
   await page.getByRole('heading', { level: 1, name }).waitFor();

@@ -60,11 +60,9 @@ function pathOf(points, x, y, step) {
     runLength = 0;
   };
   for (const [t, v] of points) {
-    if (v === null || v === undefined || !Number.isFinite(v)) {
-      endRun();
-      prev = null;
-      continue;
-    }
+    // A minute without this quantity (sensors report at their own pace) is skipped; only
+    // a gap in time breaks the line.
+    if (v === null || v === undefined || !Number.isFinite(v)) continue;
     const px = x(t).toFixed(1);
     const py = y(v).toFixed(1);
     if (prev === null || t - prev[0] > GAP_MS) {
@@ -95,10 +93,7 @@ function areaOf(points, x, y, base) {
     run = [];
   };
   for (const p of points) {
-    if (p[1] === null || p[1] === undefined || !Number.isFinite(p[1])) {
-      flush();
-      continue;
-    }
+    if (p[1] === null || p[1] === undefined || !Number.isFinite(p[1])) continue;
     if (run.length && p[0] - run[run.length - 1][0] > GAP_MS) flush();
     run.push(p);
   }
@@ -133,6 +128,8 @@ export function timeChart(opts) {
     hi = 1;
   }
   const ticks = niceTicks(lo, hi);
+  const tickStep = ticks.length > 1 ? ticks[1] - ticks[0] : 1;
+  const tickDecimals = Number.isInteger(tickStep) ? 0 : tickStep >= 0.1 ? 1 : 2;
   const y0 = opts.yMin ?? ticks[0];
   const y1 = opts.yMax ?? ticks[ticks.length - 1];
   const plotW = W - PAD.left - PAD.right;
@@ -145,7 +142,7 @@ export function timeChart(opts) {
   for (const v of ticks) {
     if (v < y0 || v > y1) continue;
     grid.append(s('line', { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v) }));
-    axis.append(s('text', { x: PAD.left - 6, y: y(v) + 4, 'text-anchor': 'end' }, fmtValue(v, Math.abs(y1 - y0) < 5 ? 1 : 0)));
+    axis.append(s('text', { x: PAD.left - 6, y: y(v) + 4, 'text-anchor': 'end' }, fmtValue(v, tickDecimals)));
   }
   for (const t of timeTicks(from, to)) {
     grid.append(s('line', { x1: x(t), x2: x(t), y1: PAD.top, y2: PAD.top + plotH }));
