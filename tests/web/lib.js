@@ -33,7 +33,7 @@ export function settings() {
 /**
  * Launches headless Chromium with a fresh profile. Returns { context, close }; the context
  * ignores the server's own CA (the test trusts the server it started) and records every
- * console error and page error in `context.problems`.
+ * console error, page error and request to another origin in `context.problems`.
  */
 export async function launch({ viewport = { width: 1280, height: 900 }, isMobile = false } = {}) {
   const profile = mkdtempSync(join(tmpdir(), 'atrium-web-'));
@@ -55,6 +55,14 @@ export async function launch({ viewport = { width: 1280, height: 900 }, isMobile
     });
     page.on('pageerror', (err) => context.problems.push(`${page.url()}: ${err.message}`));
   };
+  // Every asset is the server's own: a request anywhere else is a problem.
+  const origin = new URL(process.env.ATRIUM_URL).origin;
+  context.on('request', (req) => {
+    const url = req.url();
+    if (!url.startsWith('data:') && new URL(url).origin !== origin) {
+      context.problems.push(`request to another origin: ${url}`);
+    }
+  });
   context.on('page', watch);
   context.pages().forEach(watch);
   return {
