@@ -6,13 +6,22 @@
 //! is deny-listed; a pre-authorized key is accepted at once; anything else waits, pending, for an
 //! operator. Crypto runs in the request handler; the writes of concurrent requests are collected
 //! by one [`Enroller`] task and committed together, because storage, not crypto, decides speed.
+//!
+//! A zero-touch request costs no database read of its own: the enrollment groups (with their
+//! CA certificates decoded) and the deny-list are kept in memory ([`AdmissionCache`]), read again
+//! at once after this node changed them and at least every [`ADMISSION_MAX_AGE`] otherwise (so
+//! a change made on another node applies here within that time), and the key is not looked up
+//! beforehand: the batch write refuses a known key, and only then is its device read and the
+//! request answered as a re-enrollment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use atrium_pki::VerifiedCsr;
 use atrium_store::{
-    CertificateRecord, Device, DeviceStatus, DeviceWrite, EnrollmentKind, EnrollmentWrite,
-    Identity, NewDevice, Store,
+    CertificateRecord, Device, DeviceStatus, DeviceWrite, EnrollmentGroup, EnrollmentKind,
+    EnrollmentWrite, Identity, NewDevice, Store, StoreError,
 };
 use axum::http::StatusCode;
 use base64::Engine as _;
@@ -29,11 +38,88 @@ const FACTORY_PROOF_SKEW_MS: i64 = 10 * 60 * 1000;
 /// How long a pending device should wait before asking again.
 const PENDING_RETRY_S: u32 = 30;
 
-type Reply = oneshot::Sender<Result<Device, ApiError>>;
+/// How long the in-memory enrollment groups and deny-list are used before they are read again
+/// (the longest a change made on another server node takes to apply on this one).
+pub const ADMISSION_MAX_AGE: Duration = Duration::from_secs(2);
 
-/// Collects enrollment writes from concurrent requests and commits them in batches.
+/// The outcome of one queued write: the item's own result, inside the batch's.
+type Written = Result<Result<Device, StoreError>, ApiError>;
+type Reply = oneshot::Sender<Written>;
+
+/// Collects enrollment writes from concurrent requests and commits them in batches; also keeps
+/// the admission rules of zero-touch enrollment in memory.
 pub struct Enroller {
     tx: mpsc::Sender<(EnrollmentWrite, Reply)>,
+    admission: AdmissionCache,
+}
+
+/// Enrollment groups with their CA certificates decoded, and the deny-list, as one read saw them.
+struct Admission {
+    /// Every group, by name (disabled ones too, so their devices hear why they are refused).
+    groups: Vec<EnrollmentGroup>,
+    /// Each group's CA certificate, DER, in the order of `groups` (empty when unreadable).
+    anchors: Vec<Vec<u8>>,
+    /// Denied factory serials.
+    denied: HashSet<String>,
+    /// The store's change counter before the read.
+    changes: u64,
+    read_at: Instant,
+}
+
+/// The admission rules in memory, read again when this process changed them or they are older
+/// than [`ADMISSION_MAX_AGE`].
+struct AdmissionCache {
+    store: Store,
+    current: tokio::sync::Mutex<Option<Arc<Admission>>>,
+}
+
+impl AdmissionCache {
+    fn new(store: Store) -> AdmissionCache {
+        AdmissionCache {
+            store,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current rules; one caller reads them again when stale while the others wait.
+    async fn get(&self) -> Result<Arc<Admission>, StoreError> {
+        let mut current = self.current.lock().await;
+        if let Some(admission) = current.as_ref()
+            && admission.changes == self.store.admission_changes()
+            && admission.read_at.elapsed() < ADMISSION_MAX_AGE
+        {
+            return Ok(admission.clone());
+        }
+        let changes = self.store.admission_changes();
+        let read_at = Instant::now();
+        let groups = self.store.enrollment_groups().await?;
+        let denied = self
+            .store
+            .denied_serials()
+            .await?
+            .into_iter()
+            .map(|d| d.serial)
+            .collect();
+        let anchors = groups
+            .iter()
+            .map(|g| {
+                atrium_pki::parse_pem_certs(&g.ca_pem)
+                    .ok()
+                    .and_then(|certs| certs.into_iter().next())
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let admission = Arc::new(Admission {
+            groups,
+            anchors,
+            denied,
+            changes,
+            read_at,
+        });
+        *current = Some(admission.clone());
+        Ok(admission)
+    }
 }
 
 impl Enroller {
@@ -45,6 +131,8 @@ impl Enroller {
         shutdown: CancellationToken,
     ) -> Enroller {
         let max_batch = max_batch.max(1);
+        let admission = AdmissionCache::new(store.clone());
+        let batch_store = store;
         let (tx, mut rx) = mpsc::channel::<(EnrollmentWrite, Reply)>(max_batch * 4);
         tasks.spawn(async move {
             let mut writes = Vec::with_capacity(max_batch);
@@ -68,10 +156,10 @@ impl Enroller {
                         Err(_) => break,
                     }
                 }
-                match store.enroll_batch(&writes).await {
+                match batch_store.enroll_batch(&writes).await {
                     Ok(results) => {
                         for (reply, result) in replies.drain(..).zip(results) {
-                            let _ = reply.send(result.map_err(ApiError::from));
+                            let _ = reply.send(Ok(result));
                         }
                     }
                     Err(e) => {
@@ -84,11 +172,12 @@ impl Enroller {
                 writes.clear();
             }
         });
-        Enroller { tx }
+        Enroller { tx, admission }
     }
 
-    /// Queues one write and waits until it is committed (or refused).
-    pub async fn write(&self, write: EnrollmentWrite) -> Result<Device, ApiError> {
+    /// Queues one write and waits until it is committed (or refused). The outer error means
+    /// the batch failed; the inner one is this item's refusal.
+    async fn write(&self, write: EnrollmentWrite) -> Written {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((write, reply))
@@ -136,7 +225,12 @@ pub async fn enroll(
         None => None,
     };
 
-    if let Some(device) = ctx.store.device_by_fingerprint(&csr.fingerprint).await? {
+    // A zero-touch request skips this read: a known key is refused by the write below, and
+    // handled then. Other requests need it now (a pending device must not be pre-authorized
+    // twice, nor made pending again).
+    if zero_touch.is_none()
+        && let Some(device) = ctx.store.device_by_fingerprint(&csr.fingerprint).await?
+    {
         return known_key(ctx, device, &csr).await;
     }
 
@@ -235,8 +329,19 @@ pub async fn enroll(
         consumed_preauthorization: consumed,
         audit,
     };
-    let device = ctx.enroller.write(write).await?;
-    Ok(respond(device, issued.map(|c| c.chain_pem)))
+    match ctx.enroller.write(write).await? {
+        Ok(device) => Ok(respond(device, issued.map(|c| c.chain_pem))),
+        Err(refused @ (StoreError::Conflict(_) | StoreError::KeyDecommissioned { .. })) => {
+            // The key may belong to a device already (a re-enrollment, or a concurrent first
+            // enrollment of the same key that won): answer as for a known key. The certificate
+            // signed above was never handed out and is dropped.
+            match ctx.store.device_by_fingerprint(&csr.fingerprint).await? {
+                Some(device) => known_key(ctx, device, &csr).await,
+                None => Err(refused.into()),
+            }
+        }
+        Err(refused) => Err(refused.into()),
+    }
 }
 
 /// A request for a key the server already knows.
@@ -327,21 +432,12 @@ async fn check_factory_proof(
         ));
     };
     let intermediates: Vec<Vec<u8>> = intermediates.iter().map(|c| c.to_vec()).collect();
-    let groups = ctx.store.enrollment_groups().await?;
-    let anchors: Vec<Vec<u8>> = groups
-        .iter()
-        .map(|g| {
-            atrium_pki::parse_pem_certs(&g.ca_pem)
-                .ok()
-                .and_then(|certs| certs.into_iter().next())
-                .map(|c| c.to_vec())
-                .unwrap_or_default()
-        })
-        .collect();
+    let admission = ctx.enroller.admission.get().await?;
     let now = now_ms();
-    let factory = atrium_pki::verify_factory_chain(leaf, &intermediates, &anchors, now / 1000)
-        .map_err(|e| ApiError::Forbidden(format!("factory certificate refused: {e}")))?;
-    let Some(group) = groups.get(factory.anchor_index) else {
+    let factory =
+        atrium_pki::verify_factory_chain(leaf, &intermediates, &admission.anchors, now / 1000)
+            .map_err(|e| ApiError::Forbidden(format!("factory certificate refused: {e}")))?;
+    let Some(group) = admission.groups.get(factory.anchor_index) else {
         return Err(ApiError::Internal(
             "factory anchor index out of range".into(),
         ));
@@ -352,7 +448,7 @@ async fn check_factory_proof(
             group.name
         )));
     }
-    if ctx.store.is_serial_denied(&factory.serial).await? {
+    if admission.denied.contains(&factory.serial) {
         return Err(ApiError::Forbidden(format!(
             "factory serial {} is on the deny-list",
             factory.serial
@@ -410,6 +506,74 @@ mod tests {
             Err(ApiError::BadRequest(_))
         ));
         assert!(validate_identity(&doc()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn admission_rules_follow_this_nodes_changes_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("atrium.db").display());
+        let store = Store::open(&url).await.expect("store");
+        let cache = AdmissionCache::new(store.clone());
+        let empty = cache.get().await.expect("rules");
+        assert!(empty.groups.is_empty() && empty.denied.is_empty());
+        assert!(
+            Arc::ptr_eq(&empty, &cache.get().await.expect("rules")),
+            "unchanged rules are not read again"
+        );
+
+        let maker = atrium_pki::ManufacturerCa::generate("Test Maker").expect("ca");
+        let group = atrium_store::NewEnrollmentGroup {
+            name: "acme".into(),
+            ca_pem: maker.cert_pem(),
+            ca_fingerprint: atrium_pki::inspect_ca_cert(&maker.cert_pem())
+                .expect("ca")
+                .fingerprint,
+            enabled: true,
+            tags: BTreeMap::new(),
+            attributes: BTreeMap::new(),
+        };
+        store
+            .add_enrollment_group(&group, crate::audit("test", "enrollment_group.add", "acme"))
+            .await
+            .expect("group");
+        let rules = cache.get().await.expect("rules");
+        assert_eq!(rules.groups.len(), 1);
+        assert_eq!(rules.anchors, vec![maker.cert_der()]);
+        assert!(rules.groups[0].enabled);
+
+        store
+            .deny_serial(
+                "SN-9",
+                "stolen",
+                crate::audit("test", "serial.deny", "SN-9"),
+            )
+            .await
+            .expect("deny");
+        assert!(cache.get().await.expect("rules").denied.contains("SN-9"));
+
+        store
+            .set_enrollment_group_enabled(
+                "acme",
+                false,
+                crate::audit("test", "enrollment_group.disable", "acme"),
+            )
+            .await
+            .expect("disable");
+        assert!(!cache.get().await.expect("rules").groups[0].enabled);
+
+        store
+            .allow_serial("SN-9", crate::audit("test", "serial.allow", "SN-9"))
+            .await
+            .expect("allow");
+        store
+            .delete_enrollment_group(
+                "acme",
+                crate::audit("test", "enrollment_group.delete", "acme"),
+            )
+            .await
+            .expect("delete");
+        let rules = cache.get().await.expect("rules");
+        assert!(rules.groups.is_empty() && rules.denied.is_empty());
     }
 
     #[test]

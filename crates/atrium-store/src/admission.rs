@@ -1,4 +1,11 @@
 //! Who may enroll: preauthorizations, enrollment groups and the factory-serial deny-list.
+//!
+//! Zero-touch enrollment consults the groups and the deny-list on every request, so a server
+//! node may keep them in memory. Every change made here moves a change counter
+//! ([`Store::admission_changes`]) after its commit, which tells such a copy on the same node to
+//! read again at once; other nodes must notice by re-reading periodically.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::audit::insert_audit;
 use crate::error::{StoreError, unique_as_conflict};
@@ -12,6 +19,17 @@ use crate::store::{Store, new_id};
 const PREAUTH_COLUMNS: &str = "id, mac, serial, device_type, hardware_model, identity_extra, \
                                key_fingerprint, tags, created_ms, created_by";
 const GROUP_COLUMNS: &str = "name, ca_pem, ca_fingerprint, enabled, tags, attributes, created_ms";
+
+/// Changes to enrollment groups and the deny-list committed through any [`Store`] of this
+/// process. Process-wide rather than per store: a change through one store makes the copies of
+/// every store in the process read again, which costs a read but is never wrong.
+static ADMISSION_CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// Called after a change to the groups or the deny-list has committed (or failed: a needless
+/// re-read is harmless, a missed one is not).
+fn admission_changed() {
+    ADMISSION_CHANGES.fetch_add(1, Ordering::Release);
+}
 
 impl Store {
     /// Pre-authorizes a device key; the device is accepted when it enrolls with that key.
@@ -159,7 +177,9 @@ impl Store {
             Ok(group)
         }
         .await;
-        tx.finish(r).await
+        let done = tx.finish(r).await;
+        admission_changed();
+        done
     }
 
     /// All enrollment groups, by name.
@@ -207,7 +227,9 @@ impl Store {
             rows::enrollment_group(&row)
         }
         .await;
-        tx.finish(r).await
+        let done = tx.finish(r).await;
+        admission_changed();
+        done
     }
 
     /// Deletes an enrollment group; devices enrolled through it keep their records.
@@ -216,13 +238,16 @@ impl Store {
         name: &str,
         audit: NewAuditEntry,
     ) -> Result<(), StoreError> {
-        self.delete_audited(
-            "DELETE FROM enrollment_groups WHERE name = $1",
-            name,
-            "enrollment group",
-            audit,
-        )
-        .await
+        let done = self
+            .delete_audited(
+                "DELETE FROM enrollment_groups WHERE name = $1",
+                name,
+                "enrollment group",
+                audit,
+            )
+            .await;
+        admission_changed();
+        done
     }
 
     /// Adds a factory serial to the deny-list; `created_ms` comes from the audit entry.
@@ -261,18 +286,23 @@ impl Store {
             Ok(denied)
         }
         .await;
-        tx.finish(r).await
+        let done = tx.finish(r).await;
+        admission_changed();
+        done
     }
 
     /// Removes a factory serial from the deny-list.
     pub async fn allow_serial(&self, serial: &str, audit: NewAuditEntry) -> Result<(), StoreError> {
-        self.delete_audited(
-            "DELETE FROM denied_serials WHERE serial = $1",
-            serial,
-            "denied serial",
-            audit,
-        )
-        .await
+        let done = self
+            .delete_audited(
+                "DELETE FROM denied_serials WHERE serial = $1",
+                serial,
+                "denied serial",
+                audit,
+            )
+            .await;
+        admission_changed();
+        done
     }
 
     /// Whether this factory serial is on the deny-list.
@@ -291,6 +321,14 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         found.iter().map(rows::denied_serial).collect()
+    }
+
+    /// The counter of changes to enrollment groups and the deny-list made through this process
+    /// (any store in it); it only grows. A copy of the groups or the deny-list read after the
+    /// counter had a value is stale at most by changes made elsewhere while the counter still
+    /// has that value.
+    pub fn admission_changes(&self) -> u64 {
+        ADMISSION_CHANGES.load(Ordering::Acquire)
     }
 
     /// Deletes the row `sql` selects by `key` and audits it; NotFound when there is none.
