@@ -35,7 +35,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
@@ -141,12 +141,12 @@ async fn bench(bin: &Path, opts: &Options) -> anyhow::Result<()> {
 // Benchmark 1: enrollments per second.
 
 /// A device prepared before timing: its identity key and its enrollment request body (JSON).
-struct Device {
-    key: Arc<FileKey>,
-    body: Vec<u8>,
+pub(crate) struct Device {
+    pub(crate) key: Arc<FileKey>,
+    pub(crate) body: Vec<u8>,
 }
 
-fn make_devices(n: usize, maker: &ManufacturerCa) -> anyhow::Result<Vec<Device>> {
+pub(crate) fn make_devices(n: usize, maker: &ManufacturerCa) -> anyhow::Result<Vec<Device>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let indices: Vec<usize> = (0..n).collect();
     let chunk = n.div_ceil(threads).max(1);
@@ -394,7 +394,7 @@ async fn count_accepted(server: &Server) -> anyhow::Result<usize> {
 // ---------------------------------------------------------------------------------------------
 // Benchmark 2: idle mutual-TLS device links.
 
-type Link = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+pub(crate) type Link = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 async fn bench_links(
     server: &mut Server,
@@ -518,7 +518,7 @@ async fn bench_links(
 }
 
 /// TCP from `source`, TLS with the device's certificate, WebSocket, Hello, until Welcome.
-async fn connect(
+pub(crate) async fn connect(
     target: SocketAddr,
     source: Ipv4Addr,
     tls: Arc<rustls::ClientConfig>,
@@ -615,21 +615,25 @@ async fn idle(
 // The server under test.
 
 /// A running `atrium server` child process.
-struct Server {
+pub(crate) struct Server {
     bin: PathBuf,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     database_url: Option<String>,
     child: Child,
-    pid: u32,
+    pub(crate) pid: u32,
     api_addr: SocketAddr,
-    link_addr: SocketAddr,
-    token: String,
-    roots: Vec<CertificateDer<'static>>,
-    http: reqwest::Client,
+    pub(crate) link_addr: SocketAddr,
+    pub(crate) token: String,
+    pub(crate) roots: Vec<CertificateDer<'static>>,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Server {
-    async fn start(bin: &Path, dir: &Path, database_url: Option<String>) -> anyhow::Result<Self> {
+    pub(crate) async fn start(
+        bin: &Path,
+        dir: &Path,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Self> {
         let api_addr = free_port()?;
         let link_addr = free_port()?;
         let (mut child, pid) = spawn(bin, dir, database_url.as_deref(), api_addr, link_addr)?;
@@ -648,12 +652,12 @@ impl Server {
         })
     }
 
-    fn api_url(&self) -> String {
+    pub(crate) fn api_url(&self) -> String {
         format!("https://{}", self.api_addr)
     }
 
     /// An HTTPS client trusting only the server's CA, keeping `pool` connections alive.
-    fn client(&self, pool: usize) -> anyhow::Result<reqwest::Client> {
+    pub(crate) fn client(&self, pool: usize) -> anyhow::Result<reqwest::Client> {
         https_client(&self.roots, pool)
     }
 
@@ -673,7 +677,7 @@ impl Server {
         Ok(())
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
 }
@@ -761,18 +765,18 @@ fn spawn(
     Ok((child, pid))
 }
 
-fn log_tail(dir: &Path) -> String {
+pub(crate) fn log_tail(dir: &Path) -> String {
     let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?)
 }
 
-async fn fresh_postgres() -> anyhow::Result<atrium_store::testing::TestPostgres> {
+pub(crate) async fn fresh_postgres() -> anyhow::Result<atrium_store::testing::TestPostgres> {
     let url = atrium_store::testing::postgres_admin_url();
     // fresh_postgres panics when the server is unreachable; say so plainly instead.
     let reachable = tokio::time::timeout(
@@ -803,16 +807,25 @@ fn postgres_host_port(url: &str) -> String {
 
 /// Builds the release `atrium` binary in this cargo's target directory and returns its path.
 fn build_server() -> anyhow::Result<PathBuf> {
+    build_release("atrium", "atrium")
+}
+
+/// Builds the release binary `bin` of `package` in this cargo's target directory and returns
+/// its path.
+pub(crate) fn build_release(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask has no parent directory")?;
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", "atrium"])
+        .args(["build", "--release", "--quiet", "-p", package])
         .current_dir(root)
         .status()
         .context("running cargo build")?;
-    ensure!(status.success(), "cargo build --release -p atrium failed");
+    ensure!(
+        status.success(),
+        "cargo build --release -p {package} failed"
+    );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
@@ -821,9 +834,9 @@ fn build_server() -> anyhow::Result<PathBuf> {
     } else {
         target
     };
-    let bin = target.join("release").join("atrium");
-    ensure!(bin.exists(), "{} was not built", bin.display());
-    Ok(bin)
+    let path = target.join("release").join(bin);
+    ensure!(path.exists(), "{} was not built", path.display());
+    Ok(path)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -884,11 +897,11 @@ async fn rss_kb_settled(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// User + system CPU seconds of a process (/proc/PID/stat, USER_HZ = 100).
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     stat_cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
-fn own_cpu_seconds() -> anyhow::Result<f64> {
+pub(crate) fn own_cpu_seconds() -> anyhow::Result<f64> {
     stat_cpu_seconds("/proc/self/stat")
 }
 
@@ -911,12 +924,12 @@ fn stat_cpu_seconds(path: &str) -> anyhow::Result<f64> {
 }
 
 /// Whole-machine CPU time from /proc/stat, in ticks summed over all cores.
-struct MachineCpu {
-    busy: f64,
-    total: f64,
+pub(crate) struct MachineCpu {
+    pub(crate) busy: f64,
+    pub(crate) total: f64,
 }
 
-fn machine_cpu() -> anyhow::Result<MachineCpu> {
+pub(crate) fn machine_cpu() -> anyhow::Result<MachineCpu> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = stat.lines().next().context("empty /proc/stat")?;
     let values: Vec<f64> = line
@@ -938,7 +951,7 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn machine_note() -> String {
+pub(crate) fn machine_note() -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
     format!(
@@ -951,11 +964,11 @@ fn machine_note() -> String {
     )
 }
 
-fn unix_ms() -> i64 {
+pub(crate) fn unix_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => 0.0,
@@ -964,7 +977,7 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn percentile_ms(values: &mut [Duration], p: f64) -> f64 {
+pub(crate) fn percentile_ms(values: &mut [Duration], p: f64) -> f64 {
     values.sort_unstable();
     if values.is_empty() {
         return 0.0;

@@ -1,9 +1,12 @@
 //! Atrium's automation: `cargo xtask bench identity` measures the identity foundation
-//! (enrollment throughput, idle device links) against the real `atrium` server binary and
-//! prints `name: value unit` lines; results are kept in `docs/BENCHMARKS.md`.
+//! (enrollment throughput, idle device links) and `cargo xtask bench rooms` the rooms pipeline
+//! (telemetry ingest, reading-to-event latency, the agent's MQTT intake) against the real
+//! `atrium` and `atrium-agent` release binaries, printing `name: value unit` lines; results are
+//! kept in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
 mod bench_identity;
+mod bench_rooms;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -49,6 +52,52 @@ enum Bench {
         #[arg(long)]
         server_bin: Option<std::path::PathBuf>,
     },
+    /// Telemetry ingest (SQLite, PostgreSQL), reading-to-event latency, and the agent's
+    /// MQTT-to-server throughput with its memory.
+    Rooms {
+        /// Which database backends to measure.
+        #[arg(long, value_enum, default_value_t = BackendChoice::Both)]
+        backend: BackendChoice,
+        /// Simulated gateways, one device link each.
+        #[arg(long, default_value_t = 64)]
+        gateways: usize,
+        /// Rooms per gateway.
+        #[arg(long, default_value_t = 8)]
+        rooms_per_gateway: usize,
+        /// Sensor nodes per room.
+        #[arg(long, default_value_t = 2)]
+        nodes_per_room: usize,
+        /// Readings per telemetry batch (the agent sends at most 4,000).
+        #[arg(long, default_value_t = 4000)]
+        batch: usize,
+        /// Readings per throughput round (all gateways together).
+        #[arg(long, default_value_t = 2_048_000)]
+        readings: usize,
+        /// Batches in flight per link (the agent keeps one).
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        /// Throughput rounds per backend (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Load of the latency phase, as a fraction of the measured throughput.
+        #[arg(long, default_value_t = 0.1)]
+        latency_fraction: f64,
+        /// Length of the latency phase in seconds (0 skips it).
+        #[arg(long, default_value_t = 15)]
+        latency_secs: u64,
+        /// Readings published through the real agent (0 skips the agent benchmark).
+        #[arg(long, default_value_t = 300_000)]
+        agent_readings: usize,
+        /// Readings per SenML pack published to the agent (at most 1,000).
+        #[arg(long, default_value_t = 40)]
+        agent_pack: usize,
+        /// Use this `atrium` binary instead of building it.
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+        /// Use this `atrium-agent` binary instead of building it.
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
+    },
 }
 
 /// Database backends to benchmark.
@@ -59,9 +108,56 @@ enum BackendChoice {
     Both,
 }
 
+impl BackendChoice {
+    fn backends(self) -> Vec<bench_identity::Backend> {
+        match self {
+            BackendChoice::Sqlite => vec![bench_identity::Backend::Sqlite],
+            BackendChoice::Postgres => vec![bench_identity::Backend::Postgres],
+            BackendChoice::Both => vec![
+                bench_identity::Backend::Sqlite,
+                bench_identity::Backend::Postgres,
+            ],
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench {
+            bench:
+                Bench::Rooms {
+                    backend,
+                    gateways,
+                    rooms_per_gateway,
+                    nodes_per_room,
+                    batch,
+                    readings,
+                    window,
+                    rounds,
+                    latency_fraction,
+                    latency_secs,
+                    agent_readings,
+                    agent_pack,
+                    server_bin,
+                    agent_bin,
+                },
+        } => bench_rooms::run(bench_rooms::Options {
+            backends: backend.backends(),
+            gateways,
+            rooms_per_gateway,
+            nodes_per_room,
+            batch,
+            readings,
+            window,
+            rounds: rounds.max(1),
+            latency_fraction,
+            latency_secs,
+            agent_readings,
+            agent_pack,
+            server_bin,
+            agent_bin,
+        }),
         Command::Bench {
             bench:
                 Bench::Identity {
@@ -73,24 +169,14 @@ fn main() -> anyhow::Result<()> {
                     link_concurrency,
                     server_bin,
                 },
-        } => {
-            let backends = match backend {
-                BackendChoice::Sqlite => vec![bench_identity::Backend::Sqlite],
-                BackendChoice::Postgres => vec![bench_identity::Backend::Postgres],
-                BackendChoice::Both => vec![
-                    bench_identity::Backend::Sqlite,
-                    bench_identity::Backend::Postgres,
-                ],
-            };
-            bench_identity::run(bench_identity::Options {
-                devices,
-                links,
-                backends,
-                concurrency: concurrency.max(1),
-                rounds: rounds.max(1),
-                link_concurrency: link_concurrency.max(1),
-                server_bin,
-            })
-        }
+        } => bench_identity::run(bench_identity::Options {
+            devices,
+            links,
+            backends: backend.backends(),
+            concurrency: concurrency.max(1),
+            rounds: rounds.max(1),
+            link_concurrency: link_concurrency.max(1),
+            server_bin,
+        }),
     }
 }
