@@ -1,6 +1,7 @@
 //! Durable telemetry ingest: links validate their batches, one task commits the batches of
-//! many links together (group commit, like the [`crate::enroll::Enroller`]), feeds the
-//! committed readings to the rooms engines, and only then answers each link.
+//! many links together (group commit, like the [`crate::enroll::Enroller`]), and a second task
+//! feeds the committed readings to the rooms engines and only then answers each link, while the
+//! next group is already being committed.
 //!
 //! A batch is refused as a whole (an `Error`, no ack) when it is malformed: too many readings,
 //! a sequence number of 0 or beyond 2^63, empty or oversized node or quantity names, or a value
@@ -25,6 +26,8 @@ use crate::rooms::RoomHub;
 const MAX_NAME_BYTES: usize = 128;
 /// Most readings committed in one transaction (batches are never split).
 const MAX_READINGS_PER_COMMIT: usize = 200_000;
+/// Committed groups that may wait for the rooms engines while the next group commits.
+const FEED_QUEUE: usize = 2;
 
 type Reply = oneshot::Sender<Result<TelemetryOutcome, String>>;
 
@@ -120,8 +123,18 @@ pub struct Ingest {
     pub stats: Arc<IngestStats>,
 }
 
+/// A group of batches whose commit has finished, on its way to the rooms engines and the links.
+struct Committed {
+    writes: Vec<TelemetryWrite>,
+    replies: Vec<Reply>,
+    outcomes: Result<Vec<TelemetryOutcome>, String>,
+}
+
 impl Ingest {
-    /// Starts the committing task.
+    /// Starts the committing task and the task that feeds committed readings to the rooms
+    /// engines and answers the links. They overlap: while one group is fed and acknowledged,
+    /// the next is already being committed (in commit order; at most [`FEED_QUEUE`] groups
+    /// wait to be fed).
     pub fn spawn(
         store: Store,
         hub: Arc<RoomHub>,
@@ -132,11 +145,11 @@ impl Ingest {
         let max_batches = max_batches.max(1);
         let stats = Arc::new(IngestStats::default());
         let (tx, mut rx) = mpsc::channel::<(TelemetryWrite, Reply)>(max_batches * 2);
+        let (fed_tx, fed_rx) = mpsc::channel::<Committed>(FEED_QUEUE);
+        tasks.spawn(feed(fed_rx, hub, stats.clone()));
         let task_stats = stats.clone();
         tasks.spawn(async move {
             let stats = task_stats;
-            let mut writes: Vec<TelemetryWrite> = Vec::with_capacity(max_batches);
-            let mut replies: Vec<Reply> = Vec::with_capacity(max_batches);
             loop {
                 let (write, reply) = tokio::select! {
                     next = rx.recv() => match next {
@@ -146,6 +159,8 @@ impl Ingest {
                     _ = shutdown.cancelled() => return,
                 };
                 let mut readings = write.readings.len();
+                let mut writes: Vec<TelemetryWrite> = Vec::with_capacity(max_batches.min(64));
+                let mut replies: Vec<Reply> = Vec::with_capacity(max_batches.min(64));
                 writes.push(write);
                 replies.push(reply);
                 while writes.len() < max_batches && readings < MAX_READINGS_PER_COMMIT {
@@ -159,36 +174,22 @@ impl Ingest {
                     }
                 }
                 stats.commits.fetch_add(1, Ordering::Relaxed);
-                match store.store_telemetry(&writes, crate::now_ms()).await {
-                    Ok(outcomes) => {
-                        for (write, outcome) in writes.iter().zip(&outcomes) {
-                            match outcome {
-                                TelemetryOutcome::Stored => {
-                                    stats.batches_stored.fetch_add(1, Ordering::Relaxed);
-                                    stats.readings_stored.fetch_add(
-                                        u64::try_from(write.readings.len()).unwrap_or(u64::MAX),
-                                        Ordering::Relaxed,
-                                    );
-                                    hub.feed(&write.device_id, &write.readings);
-                                }
-                                TelemetryOutcome::Duplicate => {
-                                    stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                        for (reply, outcome) in replies.drain(..).zip(outcomes) {
-                            let _ = reply.send(Ok(outcome));
-                        }
-                    }
+                let outcomes = match store.store_telemetry(&writes, crate::now_ms()).await {
+                    Ok(outcomes) => Ok(outcomes),
                     Err(e) => {
                         stats.commit_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(error = %e, batches = writes.len(), "telemetry commit failed");
-                        for reply in replies.drain(..) {
-                            let _ = reply.send(Err(format!("telemetry not stored: {e}")));
-                        }
+                        Err(format!("telemetry not stored: {e}"))
                     }
+                };
+                let committed = Committed {
+                    writes,
+                    replies,
+                    outcomes,
+                };
+                if fed_tx.send(committed).await.is_err() {
+                    return;
                 }
-                writes.clear();
             }
         });
         Ingest { tx, stats }
@@ -202,6 +203,49 @@ impl Ingest {
             .await
             .map_err(|_| "server is shutting down".to_owned())?;
         rx.await.map_err(|_| "server is shutting down".to_owned())?
+    }
+}
+
+/// Feeds each committed group's stored readings to the rooms engines, in commit order, then
+/// answers its links: an acknowledged batch is durable and already in the rooms' state.
+async fn feed(
+    mut committed: mpsc::Receiver<Committed>,
+    hub: Arc<RoomHub>,
+    stats: Arc<IngestStats>,
+) {
+    while let Some(Committed {
+        writes,
+        replies,
+        outcomes,
+    }) = committed.recv().await
+    {
+        match outcomes {
+            Ok(outcomes) => {
+                for (write, outcome) in writes.iter().zip(&outcomes) {
+                    match outcome {
+                        TelemetryOutcome::Stored => {
+                            stats.batches_stored.fetch_add(1, Ordering::Relaxed);
+                            stats.readings_stored.fetch_add(
+                                u64::try_from(write.readings.len()).unwrap_or(u64::MAX),
+                                Ordering::Relaxed,
+                            );
+                            hub.feed(&write.device_id, &write.readings);
+                        }
+                        TelemetryOutcome::Duplicate => {
+                            stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(reason) => {
+                for reply in replies {
+                    let _ = reply.send(Err(reason.clone()));
+                }
+            }
+        }
     }
 }
 
