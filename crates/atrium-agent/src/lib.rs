@@ -22,6 +22,7 @@ pub mod inventory;
 mod link;
 pub mod rooms;
 pub mod spool;
+pub mod twin;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +75,7 @@ pub struct Agent {
     roots: Vec<CertificateDer<'static>>,
     state: watch::Sender<AgentState>,
     rooms: watch::Sender<rooms::Assignment>,
+    twin: std::sync::Mutex<twin::LocalTwin>,
     intake_status: watch::Sender<intake::IntakeStatus>,
     broker_addr: watch::Sender<Option<std::net::SocketAddr>>,
 }
@@ -116,6 +118,7 @@ impl Agent {
         };
         let (state, _) = watch::channel(AgentState::Starting);
         let (rooms, _) = watch::channel(rooms::Assignment::load(&config.data_dir));
+        let twin = std::sync::Mutex::new(twin::LocalTwin::load(&config.data_dir));
         Ok(Agent {
             config,
             key: Arc::new(key),
@@ -123,6 +126,7 @@ impl Agent {
             roots,
             state,
             rooms,
+            twin,
             intake_status: watch::channel(intake::IntakeStatus::default()).0,
             broker_addr: watch::channel(None).0,
         })
@@ -153,23 +157,87 @@ impl Agent {
         self.rooms.borrow().clone()
     }
 
-    /// Applies a twin document from the server: a full desired twin carries the room
-    /// assignment, which is persisted and handed to the intake. Anything else is ignored.
-    async fn apply_twin(&self, doc: atrium_proto::TwinDocument) {
+    /// Applies the desired twin from the server when it is newer than the one applied: each
+    /// top-level key goes to its handler (`rooms`: the room assignment, persisted and handed
+    /// to the intake); the outcome is persisted and returned as the reported patch to send.
+    async fn apply_twin(&self, doc: atrium_proto::TwinDocument) -> Option<atrium_proto::Message> {
         if doc.section != atrium_proto::TwinSection::Desired || !doc.full {
             tracing::debug!(
                 version = doc.version,
                 "ignoring a twin patch or reported section"
             );
-            return;
+            return None;
         }
-        let assignment = match rooms::Assignment::from_twin_json(&doc.json) {
-            Ok(assignment) => assignment,
+        let applied_version = self.lock_twin().version();
+        if doc.version <= applied_version {
+            tracing::debug!(
+                version = doc.version,
+                applied_version,
+                "desired twin not newer"
+            );
+            return None;
+        }
+        let desired = match atrium_proto::twin::parse(&doc.json) {
+            Ok(map) => map,
             Err(e) => {
                 tracing::warn!(version = doc.version, error = %e, "desired twin not applied");
-                return;
+                return None;
             }
         };
+        let mut assignment = None;
+        let report = twin::process(doc.version, &desired, |key, value| match key {
+            "rooms" => {
+                let json = serde_json::json!({ "rooms": value }).to_string();
+                Some(match rooms::Assignment::from_twin_json(&json) {
+                    Ok(a) => {
+                        assignment = Some(a);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                })
+            }
+            _ => None,
+        });
+        if let Some(assignment) = assignment {
+            self.apply_rooms(doc.version, assignment).await;
+        }
+        let local = twin::LocalTwin {
+            desired,
+            applied: report,
+        };
+        let dir = self.config.data_dir.clone();
+        let to_store = local.clone();
+        match tokio::task::spawn_blocking(move || to_store.store(&dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "twin applied but not stored"),
+            Err(e) => tracing::warn!(error = %e, "twin applied but not stored"),
+        }
+        let report = local.report_json();
+        *self.lock_twin() = local;
+        Some(self.reported_twin_message(report))
+    }
+
+    /// The reported patch with the outcome of the last applied desired twin (sent again on
+    /// every connect, in case the last one was lost with the link).
+    fn applied_report(&self) -> atrium_proto::Message {
+        let report = self.lock_twin().report_json();
+        self.reported_twin_message(report)
+    }
+
+    fn reported_twin_message(&self, json: String) -> atrium_proto::Message {
+        atrium_proto::Message::Twin(atrium_proto::TwinDocument {
+            section: atrium_proto::TwinSection::Reported,
+            version: 0,
+            full: false,
+            json,
+        })
+    }
+
+    fn lock_twin(&self) -> std::sync::MutexGuard<'_, twin::LocalTwin> {
+        self.twin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn apply_rooms(&self, version: u64, assignment: rooms::Assignment) {
         if *self.rooms.borrow() == assignment {
             return;
         }
@@ -181,7 +249,7 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "room assignment applied but not stored"),
         }
         tracing::info!(
-            version = doc.version,
+            version,
             rooms = assignment.rooms.len(),
             "room assignment from the server"
         );

@@ -259,6 +259,13 @@ impl Session {
         if let Some(forward) = forward.as_deref_mut() {
             forward.reset();
         }
+        // After every (re)connect: fetch the whole desired twin and repeat the last outcome,
+        // which may have been lost with the previous link.
+        for message in [Message::TwinGet, agent.applied_report()] {
+            if let Err(e) = self.send(message).await {
+                return lost(e, true);
+            }
+        }
 
         loop {
             tokio::select! {
@@ -350,7 +357,13 @@ impl Session {
                                 forward.acked(batch_seq).await;
                             }
                         }
-                        Message::Twin(doc) => agent.apply_twin(doc).await,
+                        Message::Twin(doc) => {
+                            if let Some(report) = agent.apply_twin(doc).await
+                                && let Err(e) = self.send(report).await
+                            {
+                                return lost(e, true);
+                            }
+                        }
                         Message::Error(e) => {
                             let telemetry = match forward.as_deref_mut() {
                                 Some(f) => f.server_error(e.code, &e.message).await,

@@ -22,6 +22,7 @@
 
 pub mod enrollment;
 pub mod senml;
+pub mod twin;
 
 use std::collections::BTreeMap;
 

@@ -18,6 +18,7 @@ mod ingest;
 mod link;
 mod registry;
 pub mod rooms;
+pub mod twins;
 mod web;
 
 use std::net::SocketAddr;

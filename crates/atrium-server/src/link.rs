@@ -264,14 +264,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .set_connected(self.device_id, true, now_ms())
             .await?;
         tracing::debug!(device = %self.device_id, agent = %hello.agent_version, protocol, "device connected");
-        self.send_desired_twin().await?;
+        // Connecting is when a gateway's room assignment catches up with the rooms API (first
+        // connect after an upgrade, or changes made while no link was up).
+        if let Err(e) = crate::twins::sync_rooms(self.ctx, self.device_id).await {
+            tracing::warn!(device = %self.device_id, error = %e, "room assignment not synced");
+        }
+        self.send_desired_twin(false).await?;
 
         loop {
             tokio::select! {
                 command = control.recv() => {
                     let reason = match command {
-                        Some(Control::RoomsChanged) => {
-                            self.send_desired_twin().await?;
+                        Some(Control::TwinChanged) => {
+                            self.send_desired_twin(false).await?;
                             continue;
                         }
                         Some(Control::Close(reason)) => reason,
@@ -337,6 +342,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }
             Message::RenewRequest(request) => self.renew(&request.csr_der).await,
             Message::Telemetry(batch) => self.telemetry(batch).await,
+            Message::TwinGet => self.send_desired_twin(true).await,
+            Message::Twin(doc) => self.reported_twin(doc).await,
             Message::Goodbye(reason) => {
                 tracing::debug!(device = %self.device_id, %reason, "agent said goodbye");
                 Ok(())
@@ -388,30 +395,73 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
     }
 
-    /// Sends the desired twin (the rooms of this gateway) if its version grew.
-    async fn send_desired_twin(&mut self) -> Result<(), LinkError> {
+    /// Sends the whole desired twin if its version grew since the last one sent on this link
+    /// (or, when the agent asked, in any case).
+    async fn send_desired_twin(&mut self, asked: bool) -> Result<(), LinkError> {
         // A storage hiccup must not cost the link: the next change or reconnect sends it.
-        let (revision, rooms) = match self.ctx.store.rooms_of_device(self.device_id).await {
-            Ok(found) => found,
+        let section = match self.ctx.store.twin(self.device_id).await {
+            Ok(record) => record.desired,
             Err(e) => {
                 tracing::warn!(device = %self.device_id, error = %e, "desired twin not sent");
                 return Ok(());
             }
         };
-        // Revision 0 (no rooms ever) is sent as version 1: versions start at 1 and only grow.
-        let version = u64::try_from(revision).unwrap_or(0).saturating_add(1);
-        if version <= self.twin_version {
+        let version = u64::try_from(section.version).unwrap_or(0);
+        if version == 0 || (version <= self.twin_version && !asked) {
             return Ok(());
         }
-        let json = crate::api::rooms::desired_twin_json(&rooms);
-        self.twin_version = version;
+        self.twin_version = self.twin_version.max(version);
         self.send(Message::Twin(atrium_proto::TwinDocument {
             section: atrium_proto::TwinSection::Desired,
-            version: self.twin_version,
+            version,
             full: true,
-            json,
+            json: section.doc,
         }))
         .await
+    }
+
+    /// Stores the agent's reported section (whole or a merge patch). Garbage is answered
+    /// with an error frame and changes nothing; the link stays up.
+    async fn reported_twin(&mut self, doc: atrium_proto::TwinDocument) -> Result<(), LinkError> {
+        let refuse = |message: String| {
+            Message::Error(ErrorMessage {
+                code: 400,
+                message: format!("reported twin not stored: {message}"),
+            })
+        };
+        if doc.section != atrium_proto::TwinSection::Reported {
+            return self
+                .send(refuse("an agent writes the reported section only".into()))
+                .await;
+        }
+        let map = match atrium_proto::twin::parse(&doc.json) {
+            Ok(map) => map,
+            Err(e) => {
+                tracing::info!(device = %self.device_id, error = %e, "reported twin refused");
+                return self.send(refuse(e.to_string())).await;
+            }
+        };
+        let change = if doc.full {
+            crate::twins::Change::Replace(map)
+        } else {
+            crate::twins::Change::Patch(map)
+        };
+        let result = crate::twins::write(
+            self.ctx,
+            self.device_id,
+            atrium_store::TwinSide::Reported,
+            change,
+            None,
+            crate::twins::Writer::Device,
+        )
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::info!(device = %self.device_id, error = %e, "reported twin refused");
+                self.send(refuse(e.to_string())).await
+            }
+        }
     }
 
     async fn renew(&mut self, csr_der: &[u8]) -> Result<(), LinkError> {

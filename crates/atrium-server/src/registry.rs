@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 pub enum Control {
     /// Close the link now, telling the agent why.
     Close(String),
-    /// The rooms or sensor assignments of this gateway changed: send the desired twin again.
-    RoomsChanged,
+    /// The device's desired twin changed: send it.
+    TwinChanged,
 }
 
 struct Entry {
@@ -80,12 +80,12 @@ impl LinkRegistry {
     }
 
     /// Tells the device's link, if any, to send its desired twin again.
-    pub fn rooms_changed(&self, device_id: &str) {
+    pub fn twin_changed(&self, device_id: &str) {
         let control = self.lock_links().get(device_id).map(|e| e.control.clone());
         // Notifications take at most half the slots, so a Close always finds room; when
         // they are skipped, one already queued will send the newest twin anyway.
         if let Some(control) = control.filter(|c| c.capacity() > c.max_capacity() / 2) {
-            let _ = control.try_send(Control::RoomsChanged);
+            let _ = control.try_send(Control::TwinChanged);
         }
     }
 

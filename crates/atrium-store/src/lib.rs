@@ -1,6 +1,7 @@
-//! Atrium's storage: device identity, lifecycle, certificates, API tokens, operator accounts
-//! and their sessions, the audit log, and rooms (buildings, floors, rooms, sensor-node
-//! assignment, raw telemetry, per-minute room history and events), in one schema on SQLite (embedded, the default) or PostgreSQL.
+//! Atrium's storage: device identity, lifecycle, certificates, device twins, API tokens,
+//! operator accounts and their sessions, the audit log, and rooms (buildings, floors, rooms,
+//! sensor-node assignment, raw telemetry, per-minute room history and events), in one schema
+//! on SQLite (embedded, the default) or PostgreSQL.
 //!
 //! There is one implementation, [`Store`], over `sqlx`'s `Any` driver; the URL picks the
 //! backend (`sqlite://PATH` or `postgres://...`). Queries are runtime SQL that both databases
@@ -42,6 +43,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod tokens;
+mod twins;
 mod users;
 
 pub use error::StoreError;
@@ -59,4 +61,5 @@ pub use store::{
     Backend, LATEST_SCHEMA_VERSION, SqlitePragmas, Store, StoreOptions, embedded_migration_files,
     new_id,
 };
+pub use twins::{StoredSection, TwinRecord, TwinSide};
 pub use users::{Session, User, UserUpdate};

@@ -102,10 +102,16 @@ const MIGRATIONS: &[MigrationFile] = &[
         sqlite: include_str!("../migrations/sqlite/0003_users.sql"),
         postgres: include_str!("../migrations/postgres/0003_users.sql"),
     },
+    MigrationFile {
+        version: 4,
+        description: "twins",
+        sqlite: include_str!("../migrations/sqlite/0004_twins.sql"),
+        postgres: include_str!("../migrations/postgres/0004_twins.sql"),
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_SCHEMA_VERSION: i64 = 3;
+pub const LATEST_SCHEMA_VERSION: i64 = 4;
 
 /// The file names of the embedded migrations, for the test that keeps the list honest.
 #[doc(hidden)]

@@ -351,6 +351,18 @@ impl TestAgent {
         .await
     }
 
+    /// Starts the stopped agent again with the same data directory and configuration.
+    pub fn respawn(&mut self) {
+        assert!(self.task.is_none(), "stop the agent before respawning it");
+        let agent = Agent::new(self.config.clone()).expect("agent restarts");
+        self.state = agent.state();
+        self.shutdown = CancellationToken::new();
+        let stop = self.shutdown.clone();
+        self.task = Some(tokio::spawn(async move {
+            agent.run(stop).await.expect("agent runs");
+        }));
+    }
+
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {

@@ -8,6 +8,7 @@ mod demo;
 mod harness;
 mod identity;
 mod rooms;
+mod twins;
 mod web;
 
 /// Instantiates each scenario `async fn name(Backend)` once per storage backend.

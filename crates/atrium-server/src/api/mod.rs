@@ -7,6 +7,7 @@
 pub mod error;
 pub mod rooms;
 pub mod session;
+pub mod twins;
 pub mod types;
 
 use std::sync::Arc;
@@ -47,7 +48,8 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         rooms::room_history, rooms::room_events, rooms::room_utilization,
         rooms::telemetry_stats, rooms::room_stream,
         session::login, session::current, session::logout, session::change_password,
-        session::list_users, session::create_user, session::update_user
+        session::list_users, session::create_user, session::update_user,
+        twins::get_twin, twins::patch_desired, twins::put_desired
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -81,6 +83,11 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/v1/enrollments", post(enroll))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/devices/{id}/twin", get(twins::get_twin))
+        .route(
+            "/api/v1/devices/{id}/twin/desired",
+            put(twins::put_desired).patch(twins::patch_desired),
+        )
         .route("/api/v1/devices/{id}/accept", post(accept_device))
         .route("/api/v1/devices/{id}/reject", post(reject_device))
         .route(

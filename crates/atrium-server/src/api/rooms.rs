@@ -426,13 +426,16 @@ pub struct TelemetryStats {
     pub engine_out_of_order: u64,
 }
 
-/// After a change of rooms or assignments: reload the engines, tell the gateways.
+/// After a change of rooms or assignments: reload the engines, update the gateways' desired
+/// twins (which wakes their links).
 async fn rooms_changed(ctx: &Ctx, devices: &[String]) {
     if let Err(e) = ctx.rooms.reload(&ctx.store).await {
         tracing::error!(error = %e, "could not reload rooms; live state may be stale");
     }
     for device in devices {
-        ctx.links.rooms_changed(device);
+        if let Err(e) = crate::twins::sync_rooms(ctx, device).await {
+            tracing::error!(device = %device, error = %e, "room assignment not written to the twin");
+        }
     }
 }
 

@@ -298,3 +298,27 @@ impl std::fmt::Debug for UserUpdateRequest {
             .finish()
     }
 }
+
+/// One section of a device twin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TwinSectionView {
+    /// Version; grows with every change (0: never written).
+    pub version: u64,
+    /// The document.
+    #[schema(value_type = Object)]
+    pub doc: serde_json::Value,
+    /// When each key (JSON pointer) last changed: `{"/a/b": {"updated_ms", "version"}}`.
+    #[schema(value_type = Object)]
+    pub meta: serde_json::Value,
+}
+
+/// A device twin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TwinView {
+    /// The device.
+    pub device_id: String,
+    /// Written by operators and the server (e.g. `rooms`).
+    pub desired: TwinSectionView,
+    /// Written by the agent; `applied` answers the desired section key by key.
+    pub reported: TwinSectionView,
+}

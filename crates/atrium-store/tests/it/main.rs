@@ -34,4 +34,5 @@ mod lifecycle_model;
 mod rooms;
 mod sqlite_only;
 mod support;
+mod twins;
 mod users;

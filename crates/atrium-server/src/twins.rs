@@ -1,0 +1,187 @@
+//! Device twins on the server: reading and writing sections with the rules of
+//! [`atrium_proto::twin`], optimistic concurrency on the stored version, the audit trail, and
+//! the server's own desired key `rooms` (the room assignment of a gateway's sensor nodes),
+//! which follows the rooms API and cannot be written by operators.
+
+use atrium_proto::twin::{self, Section};
+use atrium_store::{NewAuditEntry, StoreError, StoredSection, TwinRecord, TwinSide};
+use serde_json::{Map, Value};
+
+use crate::Ctx;
+use crate::api::error::ApiError;
+
+/// Desired keys the server itself maintains.
+pub const SERVER_KEYS: &[&str] = &["rooms"];
+/// How often an unconditional write retries after losing a race.
+const RETRIES: usize = 8;
+
+/// A change to a section.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// RFC 7386 merge patch.
+    Patch(Map<String, Value>),
+    /// The whole document.
+    Replace(Map<String, Value>),
+    /// One top-level key set to exactly this value (what is not in it is deleted).
+    SetKey(String, Value),
+}
+
+/// Who writes, for the audit log.
+pub enum Writer<'a> {
+    /// An operator or a server feature (desired), audited as this entry's actor.
+    Audited(&'a str),
+    /// The device itself (reported).
+    Device,
+}
+
+/// A stored section in its parsed form.
+pub fn parse_section(stored: &StoredSection) -> Result<Section, ApiError> {
+    let corrupt = |what: &str, e: String| ApiError::Internal(format!("stored twin {what}: {e}"));
+    let doc = match serde_json::from_str::<Value>(&stored.doc) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(corrupt("document", "not an object".into())),
+        Err(e) => return Err(corrupt("document", e.to_string())),
+    };
+    let meta =
+        serde_json::from_str(&stored.meta).map_err(|e| corrupt("metadata", e.to_string()))?;
+    Ok(Section {
+        version: u64::try_from(stored.version).unwrap_or(0),
+        doc,
+        meta,
+    })
+}
+
+fn stored(section: &Section) -> Result<StoredSection, ApiError> {
+    Ok(StoredSection {
+        version: i64::try_from(section.version)
+            .map_err(|_| ApiError::Internal("twin version overflow".into()))?,
+        doc: section.json(),
+        meta: serde_json::to_string(&section.meta)
+            .map_err(|e| ApiError::Internal(format!("twin metadata: {e}")))?,
+    })
+}
+
+fn side_of(record: &TwinRecord, side: TwinSide) -> &StoredSection {
+    match side {
+        TwinSide::Desired => &record.desired,
+        TwinSide::Reported => &record.reported,
+    }
+}
+
+/// Applies `change` to a section of `device_id`'s twin and stores it. With `if_version` the
+/// write happens only if the section is still at that version (else 409); without, a write
+/// that loses a race is retried on the newer section. Returns the section after the write
+/// (unchanged, same version, when the change changed nothing). Wakes the device's link when
+/// the desired section changed.
+pub async fn write(
+    ctx: &Ctx,
+    device_id: &str,
+    side: TwinSide,
+    change: Change,
+    if_version: Option<u64>,
+    writer: Writer<'_>,
+) -> Result<Section, ApiError> {
+    for _ in 0..RETRIES {
+        let record = ctx.store.twin(device_id).await?;
+        let current = parse_section(side_of(&record, side))?;
+        if let Some(expected) = if_version
+            && expected != current.version
+        {
+            return Err(ApiError::Conflict(format!(
+                "the {} twin is at version {}, not {expected}: read it again",
+                side.as_str(),
+                current.version
+            )));
+        }
+        let mut next = current.clone();
+        let now = crate::now_ms();
+        let (changed, details) = match &change {
+            Change::Patch(patch) => (next.apply_patch(patch, now), Value::Object(patch.clone())),
+            Change::Replace(doc) => (
+                next.replace(doc.clone(), now),
+                Value::Object(twin::diff(&current.doc, doc)),
+            ),
+            Change::SetKey(key, value) => {
+                let mut doc = current.doc.clone();
+                doc.insert(key.clone(), value.clone());
+                let patch = twin::diff(&current.doc, &doc);
+                (next.apply_patch(&patch, now), Value::Object(patch))
+            }
+        };
+        if !changed.map_err(|e| ApiError::BadRequest(e.to_string()))? {
+            return Ok(current);
+        }
+        let audit = match writer {
+            Writer::Audited(actor) => Some(audit_entry(actor, device_id, side, &next, details)),
+            Writer::Device => None,
+        };
+        let expected = i64::try_from(current.version).unwrap_or(i64::MAX);
+        match ctx
+            .store
+            .put_twin_section(device_id, side, expected, &stored(&next)?, now, audit)
+            .await
+        {
+            Ok(()) => {
+                if side == TwinSide::Desired {
+                    ctx.links.twin_changed(device_id);
+                }
+                return Ok(next);
+            }
+            // Lost a race with another writer: try again on what it wrote, unless the
+            // caller asked for a version or the device is retired.
+            Err(StoreError::Conflict(msg)) if if_version.is_none() && msg.contains("version") => {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Unavailable(
+        "the twin is changing too fast; try again".into(),
+    ))
+}
+
+fn audit_entry(
+    actor: &str,
+    device_id: &str,
+    side: TwinSide,
+    next: &Section,
+    patch: Value,
+) -> NewAuditEntry {
+    crate::audit(actor, &format!("twin.{}", side.as_str()), device_id)
+        .with_details(serde_json::json!({ "version": next.version, "patch": patch }))
+}
+
+/// Refuses operator writes that touch keys the server maintains.
+pub fn refuse_server_keys(doc: &Map<String, Value>) -> Result<(), ApiError> {
+    match SERVER_KEYS.iter().find(|k| doc.contains_key(**k)) {
+        Some(key) => Err(ApiError::BadRequest(format!(
+            "the desired key {key:?} is maintained by the server (change rooms and sensor nodes through /api/v1/rooms and /api/v1/sensor-nodes)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Brings the desired `rooms` key of a gateway in line with the rooms API.
+pub async fn sync_rooms(ctx: &Ctx, device_id: &str) -> Result<(), ApiError> {
+    let (_revision, rooms) = ctx.store.rooms_of_device(device_id).await?;
+    let json = crate::api::rooms::desired_twin_json(&rooms);
+    let rooms_value = match serde_json::from_str::<Value>(&json) {
+        Ok(Value::Object(mut map)) => map.remove("rooms").unwrap_or(Value::Object(Map::new())),
+        _ => return Err(ApiError::Internal("room assignment JSON".into())),
+    };
+    match write(
+        ctx,
+        device_id,
+        TwinSide::Desired,
+        Change::SetKey("rooms".to_owned(), rooms_value),
+        None,
+        Writer::Audited("system"),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        // A retired device keeps its last twin.
+        Err(ApiError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
