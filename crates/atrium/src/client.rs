@@ -162,4 +162,23 @@ impl Client {
         self.send(self.http.put(format!("{}{path}", self.base)).json(body))
             .await
     }
+
+    /// PUT or PATCH a JSON body; with `if_version`, only while the resource's ETag is that
+    /// version (else the server answers 409).
+    pub async fn write_if<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &impl Serialize,
+        if_version: Option<u64>,
+    ) -> anyhow::Result<T> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .json(body);
+        if let Some(v) = if_version {
+            request = request.header(reqwest::header::IF_MATCH, format!("\"{v}\""));
+        }
+        self.send(request).await
+    }
 }

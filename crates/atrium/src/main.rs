@@ -46,6 +46,91 @@ enum Command {
     /// Rooms science.
     #[command(subcommand)]
     Rooms(RoomsCmd),
+    /// Device twins: read, replace or merge-patch the desired section.
+    #[command(subcommand)]
+    Twin(TwinCmd),
+    /// Operator accounts of the web dashboard.
+    #[command(subcommand)]
+    Users(UsersCmd),
+}
+
+#[derive(Subcommand)]
+enum TwinCmd {
+    /// Prints a device's twin (desired and reported, versions and per-key metadata) as JSON.
+    Get {
+        /// Device id.
+        device: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Replaces the desired section (keys the server maintains, like rooms, are kept).
+    Set {
+        /// Device id.
+        device: String,
+        /// The desired document: JSON text, @FILE, or - for standard input.
+        document: String,
+        /// Only if the desired section is still at this version (the twin's ETag).
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Merge-patches the desired section (RFC 7386: null deletes a key).
+    Patch {
+        /// Device id.
+        device: String,
+        /// The patch: JSON text, @FILE, or - for standard input.
+        patch: String,
+        /// Only if the desired section is still at this version (the twin's ETag).
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCmd {
+    /// Lists operator accounts.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Creates an account; without --password-stdin a random password is printed once.
+    Add {
+        /// Account name.
+        username: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Changes an account's role, password or whether it is disabled.
+    Set {
+        /// Account name.
+        username: String,
+        /// New role: viewer, operator or admin.
+        #[arg(long)]
+        role: Option<String>,
+        /// Read a new password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Disable the account (ends its sessions).
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        /// Enable the account.
+        #[arg(long)]
+        enable: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 /// Flags of `atrium server`; they override the file and `ATRIUM_*` variables.
@@ -382,6 +467,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Tokens(cmd) => tokens(cmd).await,
+        Command::Twin(cmd) => twin(cmd).await,
+        Command::Users(cmd) => users(cmd).await,
         Command::Rooms(RoomsCmd::Eval {
             format,
             train,
@@ -690,4 +777,175 @@ async fn tokens(cmd: TokensCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// JSON text given inline, as @FILE, or as - (standard input).
+fn json_argument(arg: &str) -> anyhow::Result<serde_json::Value> {
+    let text = match arg {
+        "-" => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
+        _ => match arg.strip_prefix('@') {
+            Some(path) => {
+                std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+            }
+            None => arg.to_owned(),
+        },
+    };
+    serde_json::from_str(&text).context("the document is not valid JSON")
+}
+
+async fn twin(cmd: TwinCmd) -> anyhow::Result<()> {
+    let (twin, device) = match cmd {
+        TwinCmd::Get { device, conn } => {
+            let twin: TwinView = conn
+                .client()?
+                .get(&format!("/api/v1/devices/{device}/twin"), &[])
+                .await?;
+            (twin, device)
+        }
+        TwinCmd::Set {
+            device,
+            document,
+            if_version,
+            conn,
+        } => {
+            let body = json_argument(&document)?;
+            let twin: TwinView = conn
+                .client()?
+                .write_if(
+                    reqwest::Method::PUT,
+                    &format!("/api/v1/devices/{device}/twin/desired"),
+                    &body,
+                    if_version,
+                )
+                .await?;
+            (twin, device)
+        }
+        TwinCmd::Patch {
+            device,
+            patch,
+            if_version,
+            conn,
+        } => {
+            let body = json_argument(&patch)?;
+            let twin: TwinView = conn
+                .client()?
+                .write_if(
+                    reqwest::Method::PATCH,
+                    &format!("/api/v1/devices/{device}/twin/desired"),
+                    &body,
+                    if_version,
+                )
+                .await?;
+            (twin, device)
+        }
+    };
+    eprintln!(
+        "twin of {device}: desired version {}, reported version {}",
+        twin.desired.version, twin.reported.version
+    );
+    println!("{}", serde_json::to_string_pretty(&twin)?);
+    Ok(())
+}
+
+fn password_from_stdin() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+async fn users(cmd: UsersCmd) -> anyhow::Result<()> {
+    match cmd {
+        UsersCmd::List { json, conn } => {
+            let users: Vec<UserView> = conn.client()?.get("/api/v1/users", &[]).await?;
+            print(json, &users, |users| {
+                println!(
+                    "{:<24}  {:<8}  {:<8}  LAST LOGIN",
+                    "USERNAME", "ROLE", "DISABLED"
+                );
+                for u in users {
+                    println!(
+                        "{:<24}  {:<8}  {:<8}  {}",
+                        u.username,
+                        u.role,
+                        u.disabled,
+                        when(u.last_login_ms)
+                    );
+                }
+            })
+        }
+        UsersCmd::Add {
+            username,
+            role,
+            password_stdin,
+            conn,
+        } => {
+            let (password, generated) = if password_stdin {
+                (password_from_stdin()?, false)
+            } else {
+                (random_password(), true)
+            };
+            let user: UserView = conn
+                .client()?
+                .post(
+                    "/api/v1/users",
+                    &NewUserRequest {
+                        username,
+                        password: password.clone(),
+                        role,
+                    },
+                )
+                .await?;
+            eprintln!("created account {} ({})", user.username, user.role);
+            if generated {
+                eprintln!("its password is shown only now:");
+                println!("{password}");
+            }
+            Ok(())
+        }
+        UsersCmd::Set {
+            username,
+            role,
+            password_stdin,
+            disable,
+            enable,
+            conn,
+        } => {
+            let request = UserUpdateRequest {
+                role,
+                password: if password_stdin {
+                    Some(password_from_stdin()?)
+                } else {
+                    None
+                },
+                disabled: match (disable, enable) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+            };
+            let user: UserView = conn
+                .client()?
+                .put(&format!("/api/v1/users/{username}"), &request)
+                .await?;
+            println!(
+                "account {}: role {}, {}",
+                user.username,
+                user.role,
+                if user.disabled { "disabled" } else { "enabled" }
+            );
+            Ok(())
+        }
+    }
+}
+
+/// 20 random characters from an alphabet without look-alikes.
+fn random_password() -> String {
+    use rand::Rng as _;
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
 }
