@@ -712,32 +712,14 @@ async fn listen(
         buffer.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buffer.find("\n\n") {
             let block: String = buffer.drain(..end + 2).collect();
-            let mut kind = "";
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    kind = match v.trim() {
-                        "state" => "state",
-                        "event" => "event",
-                        "lagged" => "lagged",
-                        _ => "",
-                    };
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
-                }
-            }
+            let (kind, data) = sse_message(&block);
             match kind {
                 "lagged" => heard.lagged += 1,
                 "state" | "event" => {
-                    let value = serde_json::from_str::<Value>(&data).unwrap_or_default();
-                    let room = value["room_id"].as_str().and_then(|id| index.get(id));
-                    let time = if kind == "state" {
-                        value["state"]["updated_ms"].as_i64()
-                    } else {
-                        value["event"]["time_ms"].as_i64()
-                    };
-                    let found = match (room, time, sent.lock()) {
-                        (Some(room), Some(time), Ok(sent)) => sent.get(&(*room, time)).copied(),
+                    let found = match (reading_of(kind, &data), sent.lock()) {
+                        (Some((room, time)), Ok(sent)) => index
+                            .get(&room)
+                            .and_then(|room| sent.get(&(*room, time)).copied()),
                         _ => None,
                     };
                     match found {
@@ -750,6 +732,39 @@ async fn listen(
             }
         }
     }
+}
+
+/// The event name (`state`, `event`, `lagged`; empty for anything else) and the data of one
+/// SSE message (the text up to a blank line).
+fn sse_message(block: &str) -> (&'static str, String) {
+    let mut kind = "";
+    let mut data = String::new();
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("event:") {
+            kind = match v.trim() {
+                "state" => "state",
+                "event" => "event",
+                "lagged" => "lagged",
+                _ => "",
+            };
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim_start());
+        }
+    }
+    (kind, data)
+}
+
+/// The room and reading time a `state` message (its state's `updated_ms`) or an `event`
+/// message (the event's `time_ms`) stands for.
+fn reading_of(kind: &str, data: &str) -> Option<(String, i64)> {
+    let value: Value = serde_json::from_str(data).ok()?;
+    let room = value["room_id"].as_str()?.to_owned();
+    let time = match kind {
+        "state" => value["state"]["updated_ms"].as_i64()?,
+        "event" => value["event"]["time_ms"].as_i64()?,
+        _ => return None,
+    };
+    Some((room, time))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1112,4 +1127,70 @@ fn text(value: &Value, field: &str) -> anyhow::Result<String> {
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| anyhow!("no {field:?} in {value}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feed_readings_are_in_order_plausible_and_cover_every_node_and_quantity() {
+        let nodes = vec![
+            ("a".to_owned(), 0),
+            ("b".to_owned(), 0),
+            ("c".to_owned(), 1),
+        ];
+        let mut feed = Feed::new(nodes, 1_000_000);
+        let mut stamps = Vec::new();
+        let first = feed.next_batch(50, |room, t| stamps.push((room, t)));
+        let second = feed.next_batch(30, |room, t| stamps.push((room, t)));
+        assert_eq!((first.batch_seq, second.batch_seq), (1, 2));
+        let readings: Vec<&Reading> = first.readings.iter().chain(&second.readings).collect();
+        assert_eq!(readings.len(), 80);
+        assert!(readings.windows(2).all(|w| w[0].time_ms < w[1].time_ms));
+        assert_eq!(readings[0].time_ms, 1_000_000 + STEP_MS);
+        for r in &readings {
+            let ok = match r.name.as_str() {
+                "co2" => (0.0..=100_000.0).contains(&r.value),
+                "temperature" => (-273.15..=200.0).contains(&r.value),
+                "humidity" => (0.0..=100.0).contains(&r.value),
+                "motion" => r.value == 0.0 || r.value == 1.0,
+                other => panic!("unexpected quantity {other}"),
+            };
+            assert!(ok, "{r:?}");
+        }
+        for node in ["a", "b", "c"] {
+            for quantity in QUANTITIES {
+                assert!(
+                    readings
+                        .iter()
+                        .any(|r| r.node == node && r.name == quantity),
+                    "{node} {quantity}"
+                );
+            }
+        }
+        // Each reading is stamped with its node's room and its time.
+        assert_eq!(stamps.len(), 80);
+        for (r, (room, t)) in readings.iter().zip(&stamps) {
+            assert_eq!(r.time_ms, *t);
+            assert_eq!(*room, usize::from(r.node == "c"));
+        }
+    }
+
+    #[test]
+    fn sse_messages_are_matched_to_their_readings() {
+        let state = "event: state\ndata: {\"room_id\":\"r1\",\"state\":{\"updated_ms\":42}}\n\n";
+        let (kind, data) = sse_message(state);
+        assert_eq!(kind, "state");
+        assert_eq!(reading_of(kind, &data), Some(("r1".to_owned(), 42)));
+
+        let event = "event: event\ndata: {\"room_id\":\"r2\",\"event\":{\"kind\":\"arrival\",\"time_ms\":7}}\n\n";
+        let (kind, data) = sse_message(event);
+        assert_eq!(reading_of(kind, &data), Some(("r2".to_owned(), 7)));
+
+        assert_eq!(sse_message("event: lagged\ndata: 12\n\n").0, "lagged");
+        assert_eq!(sse_message(": keep-alive\n\n").0, "");
+        assert_eq!(reading_of("state", "{\"room_id\":\"r1\"}"), None);
+        assert_eq!(reading_of("state", "not json"), None);
+    }
 }
