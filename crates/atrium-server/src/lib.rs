@@ -20,6 +20,7 @@ mod registry;
 pub mod rooms;
 pub mod twins;
 mod web;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -161,6 +162,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tasks.spawn(link::flush_last_seen(ctx.clone(), shutdown.clone()));
     tasks.spawn(rooms::flush(ctx.clone(), shutdown.clone()));
     tasks.spawn(purge_sessions(ctx.clone(), shutdown.clone()));
+    tasks.spawn(webhooks::run(ctx.clone(), shutdown.clone()));
     tracing::info!(%api_addr, %link_addr, "atrium server started");
     Ok(RunningServer {
         api_addr,

@@ -45,6 +45,7 @@ pub mod testing;
 mod tokens;
 mod twins;
 mod users;
+mod webhooks;
 
 pub use error::StoreError;
 pub use model::{
@@ -63,3 +64,4 @@ pub use store::{
 };
 pub use twins::{StoredSection, TwinRecord, TwinSide};
 pub use users::{Session, User, UserUpdate};
+pub use webhooks::{AttemptOutcome, Delivery, OutgoingEvent, Webhook};

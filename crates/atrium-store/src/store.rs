@@ -108,10 +108,16 @@ const MIGRATIONS: &[MigrationFile] = &[
         sqlite: include_str!("../migrations/sqlite/0004_twins.sql"),
         postgres: include_str!("../migrations/postgres/0004_twins.sql"),
     },
+    MigrationFile {
+        version: 5,
+        description: "webhooks",
+        sqlite: include_str!("../migrations/sqlite/0005_webhooks.sql"),
+        postgres: include_str!("../migrations/postgres/0005_webhooks.sql"),
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_SCHEMA_VERSION: i64 = 4;
+pub const LATEST_SCHEMA_VERSION: i64 = 5;
 
 /// The file names of the embedded migrations, for the test that keeps the list honest.
 #[doc(hidden)]

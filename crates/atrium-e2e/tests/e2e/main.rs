@@ -9,6 +9,7 @@ mod harness;
 mod identity;
 mod rooms;
 mod twins;
+mod webhooks;
 mod web;
 
 /// Instantiates each scenario `async fn name(Backend)` once per storage backend.

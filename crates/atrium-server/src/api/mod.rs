@@ -9,6 +9,7 @@ pub mod rooms;
 pub mod session;
 pub mod twins;
 pub mod types;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -49,7 +50,9 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         rooms::telemetry_stats, rooms::room_stream,
         session::login, session::current, session::logout, session::change_password,
         session::list_users, session::create_user, session::update_user,
-        twins::get_twin, twins::patch_desired, twins::put_desired
+        twins::get_twin, twins::patch_desired, twins::put_desired,
+        webhooks::create_webhook, webhooks::list_webhooks, webhooks::delete_webhook,
+        webhooks::list_deliveries
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -159,6 +162,15 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
             get(session::list_users).post(session::create_user),
         )
         .route("/api/v1/users/{username}", put(session::update_user))
+        .route(
+            "/api/v1/webhooks",
+            get(webhooks::list_webhooks).post(webhooks::create_webhook),
+        )
+        .route("/api/v1/webhooks/{id}", delete(webhooks::delete_webhook))
+        .route(
+            "/api/v1/webhooks/{id}/deliveries",
+            get(webhooks::list_deliveries),
+        )
         .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(ctx)

@@ -322,3 +322,60 @@ pub struct TwinView {
     /// Written by the agent; `applied` answers the desired section key by key.
     pub reported: TwinSectionView,
 }
+
+/// Creates a webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookRequest {
+    /// Where to POST events (http or https).
+    pub url: String,
+    /// Event-type prefixes to receive (e.g. `device.`, `twin.`, `room.arrival`); none: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+/// A webhook (without its secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookView {
+    /// Id.
+    pub id: String,
+    /// Where events go.
+    pub url: String,
+    /// Event-type prefixes; empty: all.
+    pub events: Vec<String>,
+    /// Whether it receives new events.
+    pub enabled: bool,
+    /// Unix ms.
+    pub created_ms: i64,
+}
+
+/// A new webhook with its signing secret, shown only in this answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NewWebhook {
+    /// The webhook.
+    pub webhook: WebhookView,
+    /// HMAC-SHA256 key of `X-Atrium-Signature`.
+    pub secret: String,
+}
+
+/// One delivery of an event to a webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryView {
+    /// The event id (`X-Atrium-Delivery`).
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// pending, delivered or failed.
+    pub status: String,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// Next attempt, unix ms (pending only).
+    pub next_attempt_ms: i64,
+    /// HTTP status of the last attempt.
+    pub last_status: Option<i64>,
+    /// What went wrong on the last attempt.
+    pub last_error: Option<String>,
+    /// Unix ms.
+    pub created_ms: i64,
+    /// Unix ms.
+    pub updated_ms: i64,
+}
