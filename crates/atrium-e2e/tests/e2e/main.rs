@@ -9,8 +9,8 @@ mod harness;
 mod identity;
 mod rooms;
 mod twins;
-mod webhooks;
 mod web;
+mod webhooks;
 
 /// Instantiates each scenario `async fn name(Backend)` once per storage backend.
 macro_rules! both_backends {
