@@ -147,6 +147,16 @@ async fn telemetry_reaches_room_state_and_live_stream(backend: Backend) {
         other => panic!("expected the desired twin, got {other:?}"),
     };
 
+    // Room events also go to webhooks.
+    let (hook_url, hook_seen) = crate::webhooks::receiver(0).await;
+    let (status, hook) = server
+        .post(
+            "/api/v1/webhooks",
+            json!({ "url": hook_url, "events": ["room."] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{hook}");
+
     // Ten minutes of somebody in the room: motion and rising CO2, every 30 s.
     let start = now_ms() - 10 * 60_000;
     let mut readings = Vec::new();
@@ -248,6 +258,21 @@ async fn telemetry_reaches_room_state_and_live_stream(backend: Backend) {
         },
     )
     .await;
+    let delivered = crate::webhooks::received(&hook_seen, "room.arrival").await;
+    let body: Value = serde_json::from_str(&delivered.body).expect("webhook json");
+    assert_eq!(body["target"], room_id.as_str(), "{body}");
+    assert_eq!(body["details"]["kind"], "arrival");
+    let secret = hook["secret"].as_str().expect("secret");
+    let sig = delivered.header("x-atrium-signature");
+    let t: i64 = sig
+        .split(',')
+        .find_map(|p| p.strip_prefix("t="))
+        .and_then(|t| t.parse().ok())
+        .expect("t=");
+    assert_eq!(
+        sig,
+        atrium_server::webhooks::signature(secret, t, delivered.body.as_bytes())
+    );
     sse_until(
         &mut sse,
         &mut sse_buf,

@@ -17,13 +17,13 @@ both_backends!(webhooks_are_signed_retried_and_logged);
 
 /// One received request: headers (lower-case names) and body.
 #[derive(Debug, Clone)]
-struct Received {
+pub struct Received {
     headers: Vec<(String, String)>,
-    body: String,
+    pub body: String,
 }
 
 impl Received {
-    fn header(&self, name: &str) -> &str {
+    pub fn header(&self, name: &str) -> &str {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -33,7 +33,7 @@ impl Received {
 }
 
 /// A minimal HTTP/1.1 receiver that fails the first `fail_first` requests with 500.
-async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Received>>>) {
+pub async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -96,6 +96,27 @@ async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Received>>>) {
         }
     });
     (url, seen)
+}
+
+/// Waits (20 s at most) until the receiver has a request with this event type and returns it.
+pub async fn received(seen: &Mutex<Vec<Received>>, event_type: &str) -> Received {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = seen
+            .lock()
+            .expect("log")
+            .iter()
+            .find(|r| r.header("x-atrium-event") == event_type)
+            .cloned();
+        if let Some(r) = found {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {event_type} delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn webhooks_are_signed_retried_and_logged(backend: Backend) {
@@ -176,19 +197,7 @@ async fn webhooks_are_signed_retried_and_logged(backend: Backend) {
     );
 
     // Twin changes arrive too (the server writes the gateway's rooms key on connect).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !seen
-        .lock()
-        .expect("log")
-        .iter()
-        .any(|r| r.header("x-atrium-event") == "twin.desired")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no twin.desired delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    received(&seen, "twin.desired").await;
 
     // The delivery log: everything delivered in the end, the first events after retries.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
