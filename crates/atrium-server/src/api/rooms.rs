@@ -155,7 +155,7 @@ pub struct RoomStateView {
     pub people_count: u32,
     /// CO2, ppm.
     pub co2_ppm: Option<f64>,
-    /// CO2 traffic light: good, moderate or poor.
+    /// CO2 traffic light: good, ventilate or unacceptable.
     pub co2_level: String,
     /// Minutes until the next CO2 limit, if heading there.
     pub minutes_to_next_threshold: Option<f64>,
