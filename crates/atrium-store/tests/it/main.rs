@@ -36,3 +36,4 @@ mod sqlite_only;
 mod support;
 mod twins;
 mod users;
+mod webhooks;
