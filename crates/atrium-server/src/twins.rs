@@ -127,10 +127,14 @@ pub async fn write(
                 }
                 return Ok(next);
             }
-            // Lost a race with another writer: try again on what it wrote, unless the
-            // caller asked for a version or the device is retired.
-            Err(StoreError::Conflict(msg)) if if_version.is_none() && msg.contains("version") => {
-                continue;
+            // Lost a race with another writer (the section moved on): try again on what it
+            // wrote, unless the caller asked for a version. Any other conflict (a retired
+            // device) is the answer.
+            Err(StoreError::Conflict(msg)) if if_version.is_none() => {
+                let now_at = ctx.store.twin(device_id).await?;
+                if side_of(&now_at, side).version == side_of(&record, side).version {
+                    return Err(ApiError::Conflict(msg));
+                }
             }
             Err(e) => return Err(e.into()),
         }
