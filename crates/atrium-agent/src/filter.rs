@@ -23,6 +23,29 @@ pub struct FilterConfig {
     pub max_silence_s: u64,
 }
 
+impl FilterConfig {
+    /// Refuses settings that make no sense: a deadband must be a finite number >= 0, the
+    /// minimum interval at most an hour, the longest silence at most a day.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min_interval_ms > 3_600_000 {
+            return Err("min_interval_ms must be at most 3600000 (an hour)".into());
+        }
+        if self.max_silence_s > 86_400 {
+            return Err("max_silence_s must be at most 86400 (a day)".into());
+        }
+        match self
+            .deadband
+            .iter()
+            .find(|(_, v)| !v.is_finite() || **v < 0.0)
+        {
+            Some((quantity, v)) => Err(format!(
+                "deadband of {quantity} must be a finite number >= 0, not {v}"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Default for FilterConfig {
     fn default() -> Self {
         FilterConfig {
@@ -108,6 +131,11 @@ impl Filter {
         }
     }
 
+    /// Replaces the settings; what was kept so far and the counters stay.
+    pub fn set_config(&mut self, config: FilterConfig) {
+        self.config = config;
+    }
+
     /// Keeps or refuses one reading, counting the outcome.
     pub fn check(&mut self, reading: &Reading) -> Result<(), Refusal> {
         let verdict = self.verdict(reading);
@@ -179,6 +207,44 @@ mod tests {
             name: name.into(),
             time_ms,
             value,
+        }
+    }
+
+    #[test]
+    fn settings_change_in_place_and_nonsense_is_refused() {
+        let mut filter = Filter::new(FilterConfig::default());
+        assert_eq!(filter.check(&r("a", "co2", 10_000, 600.0)), Ok(()));
+        filter.set_config(FilterConfig {
+            min_interval_ms: 60_000,
+            ..FilterConfig::default()
+        });
+        // What was kept before still counts, and so do the counters.
+        assert_eq!(
+            filter.check(&r("a", "co2", 30_000, 900.0)),
+            Err(Refusal::RateLimited)
+        );
+        assert_eq!(filter.check(&r("a", "co2", 70_000, 900.0)), Ok(()));
+        assert_eq!(filter.stats().kept, 2);
+        assert!(FilterConfig::default().validate().is_ok());
+        for bad in [
+            FilterConfig {
+                min_interval_ms: 3_600_001,
+                ..FilterConfig::default()
+            },
+            FilterConfig {
+                max_silence_s: 86_401,
+                ..FilterConfig::default()
+            },
+            FilterConfig {
+                deadband: BTreeMap::from([("co2".to_owned(), -1.0)]),
+                ..FilterConfig::default()
+            },
+            FilterConfig {
+                deadband: BTreeMap::from([("co2".to_owned(), f64::NAN)]),
+                ..FilterConfig::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
         }
     }
 

@@ -192,6 +192,11 @@ impl Pipeline {
             .collect()
     }
 
+    /// Replaces the filter settings.
+    pub fn set_filter(&mut self, config: FilterConfig) {
+        self.filter.set_config(config);
+    }
+
     /// Replaces the room assignment.
     pub fn set_rooms(&mut self, assignment: &Assignment) {
         self.rooms.replace(assignment);
@@ -225,6 +230,8 @@ pub struct Worker {
     pub incoming: mpsc::Receiver<Incoming>,
     /// Room assignments from the server's desired twin.
     pub assignments: watch::Receiver<Assignment>,
+    /// Filter settings (the configuration file's, or the desired twin's `filter`).
+    pub filters: watch::Receiver<FilterConfig>,
     /// Room state and events go out here.
     pub publisher: Publisher,
     /// Tells the link how far the spool reaches (its appended position).
@@ -239,9 +246,19 @@ impl Worker {
         self.publish_all();
         let mut batch: Vec<Incoming> = Vec::new();
         let mut assignments_open = true;
+        let mut filters_open = true;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                changed = self.filters.changed(), if filters_open => {
+                    if changed.is_err() {
+                        filters_open = false;
+                        continue;
+                    }
+                    let config = self.filters.borrow_and_update().clone();
+                    tracing::info!(?config, "filter settings applied");
+                    self.pipeline.set_filter(config);
+                }
                 changed = self.assignments.changed(), if assignments_open => {
                     if changed.is_err() {
                         // The agent dropped its side: no more assignments; readings go on.
@@ -459,6 +476,8 @@ pub struct Running {
 pub struct Channels {
     /// Room assignments from the twin.
     pub assignments: watch::Receiver<Assignment>,
+    /// Filter settings.
+    pub filters: watch::Receiver<FilterConfig>,
     /// The counters.
     pub status: watch::Sender<IntakeStatus>,
     /// The embedded broker's bound address, once it is listening.
@@ -570,11 +589,13 @@ pub async fn start(
         }
     };
     let assignment = channels.assignments.borrow().clone();
+    let filter = channels.filters.borrow().clone();
     let worker = Worker {
-        pipeline: Pipeline::new(&gateway, config.filter.clone(), &assignment),
+        pipeline: Pipeline::new(&gateway, filter, &assignment),
         spool: Arc::clone(&spool),
         incoming: rx,
         assignments: channels.assignments,
+        filters: channels.filters,
         publisher,
         appended: appended_tx,
         status: channels.status,

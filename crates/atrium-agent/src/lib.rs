@@ -76,6 +76,7 @@ pub struct Agent {
     state: watch::Sender<AgentState>,
     rooms: watch::Sender<rooms::Assignment>,
     twin: std::sync::Mutex<twin::LocalTwin>,
+    filters: watch::Sender<filter::FilterConfig>,
     intake_status: watch::Sender<intake::IntakeStatus>,
     broker_addr: watch::Sender<Option<std::net::SocketAddr>>,
 }
@@ -118,7 +119,17 @@ impl Agent {
         };
         let (state, _) = watch::channel(AgentState::Starting);
         let (rooms, _) = watch::channel(rooms::Assignment::load(&config.data_dir));
-        let twin = std::sync::Mutex::new(twin::LocalTwin::load(&config.data_dir));
+        let local = twin::LocalTwin::load(&config.data_dir);
+        // The filter settings last applied from the twin win over the file's while offline.
+        let filter = match local.desired.get("filter") {
+            Some(v) => filter_from_twin(v).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "ignoring the stored twin's filter settings");
+                config.filter.clone()
+            }),
+            None => config.filter.clone(),
+        };
+        let (filters, _) = watch::channel(filter);
+        let twin = std::sync::Mutex::new(local);
         Ok(Agent {
             config,
             key: Arc::new(key),
@@ -127,6 +138,7 @@ impl Agent {
             state,
             rooms,
             twin,
+            filters,
             intake_status: watch::channel(intake::IntakeStatus::default()).0,
             broker_addr: watch::channel(None).0,
         })
@@ -185,7 +197,11 @@ impl Agent {
             }
         };
         let mut assignment = None;
+        let mut filter = None;
         let report = twin::process(doc.version, &desired, |key, value| match key {
+            "filter" => Some(filter_from_twin(value).map(|f| {
+                filter = Some(f);
+            })),
             "rooms" => {
                 let json = serde_json::json!({ "rooms": value }).to_string();
                 Some(match rooms::Assignment::from_twin_json(&json) {
@@ -201,6 +217,13 @@ impl Agent {
         if let Some(assignment) = assignment {
             self.apply_rooms(doc.version, assignment).await;
         }
+        // Without a `filter` key the configuration file's settings apply again.
+        let filter = filter.unwrap_or_else(|| self.config.filter.clone());
+        self.filters.send_if_modified(|current| {
+            let changed = *current != filter;
+            *current = filter;
+            changed
+        });
         let local = twin::LocalTwin {
             desired,
             applied: report,
@@ -306,6 +329,7 @@ impl Agent {
         let _stop_intake_on_drop = intake_stop.clone().drop_guard();
         let channels = intake::Channels {
             assignments: self.rooms.subscribe(),
+            filters: self.filters.subscribe(),
             status: self.intake_status.clone(),
             broker_addr: self.broker_addr.clone(),
         };
@@ -415,6 +439,15 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+/// Filter settings from the desired twin's `filter` key (fields as in the configuration file's
+/// `[filter]`; missing fields take their defaults), checked.
+fn filter_from_twin(value: &serde_json::Value) -> Result<filter::FilterConfig, String> {
+    let config: filter::FilterConfig =
+        serde_json::from_value(value.clone()).map_err(|e| format!("not filter settings: {e}"))?;
+    config.validate()?;
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -26,11 +26,13 @@ async fn start_intake(config: &crate::AgentConfig, assignment: Assignment) -> St
     let (rooms, assignments) = watch::channel(assignment);
     let (status_tx, status) = watch::channel(IntakeStatus::default());
     let (addr_tx, addr) = watch::channel(None);
+    let (_filters_tx, filters) = watch::channel(config.filter.clone());
     let stop = CancellationToken::new();
     let running = start(
         config,
         Channels {
             assignments,
+            filters,
             status: status_tx,
             broker_addr: addr_tx,
         },

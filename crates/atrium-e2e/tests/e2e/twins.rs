@@ -111,10 +111,34 @@ async fn twins_flow_between_operator_server_and_agent(backend: Backend) {
             .contains("no handler")
     );
 
+    // The agent's filter settings are a desired key it understands; nonsense is rejected
+    // with the reason, and the agent keeps what it had.
+    patch(&server, &id, json!({"filter": {"min_interval_ms": 5000}})).await;
+    let t = agreed(&server, &id).await;
+    assert_eq!(
+        t["reported"]["doc"]["applied"]["keys"]["filter"]["state"], "applied",
+        "{t}"
+    );
+    for bad in [
+        json!({"min_interval_ms": 99_999_999}),
+        json!({"no_such_setting": 1}),
+    ] {
+        patch(&server, &id, json!({ "filter": bad })).await;
+        let t = agreed(&server, &id).await;
+        let outcome = &t["reported"]["doc"]["applied"]["keys"]["filter"];
+        assert_eq!(outcome["state"], "rejected", "{t}");
+        assert!(!outcome["reason"].as_str().unwrap_or("").is_empty());
+    }
+    let t = patch(&server, &id, json!({"filter": null})).await;
+    assert!(t["desired"]["doc"]["filter"].is_null());
+    let current = agreed(&server, &id).await["desired"]["version"]
+        .as_u64()
+        .expect("version");
+
     // A stale ETag loses; nothing changes.
     let (status, body) = write(&server, reqwest::Method::PATCH, &id, r#"{"x":1}"#, Some(v0)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert_eq!(twin(&server, &id).await["desired"]["version"], v0 + 1);
+    assert_eq!(twin(&server, &id).await["desired"]["version"], current);
 
     // null deletes a key (and its metadata); an unchanged patch keeps the version.
     let t = patch(&server, &id, json!({"reporting": {"quantities": null}})).await;
