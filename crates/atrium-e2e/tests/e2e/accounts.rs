@@ -248,6 +248,25 @@ async fn dashboard_sessions_roles_and_csrf(backend: Backend) {
     }
     assert!(text.contains("user:admin"));
     assert!(!text.contains("a brand new password") && !text.contains(&password));
+    // Newest first, paging backwards with `before`.
+    let (_, newest) = server.get("/api/v1/audit?order=desc&limit=3").await;
+    let seqs: Vec<i64> = newest
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["seq"].as_i64())
+        .collect();
+    assert_eq!(seqs.len(), 3);
+    assert!(seqs.windows(2).all(|w| w[0] > w[1]), "{seqs:?}");
+    let (_, older) = server
+        .get(&format!(
+            "/api/v1/audit?order=desc&limit=1&before={}",
+            seqs[2]
+        ))
+        .await;
+    assert!(older[0]["seq"].as_i64().expect("seq") < seqs[2]);
+    let (status, _) = server.get("/api/v1/audit?order=sideways").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     // API tokens keep working beside sessions, and a token cannot use the session endpoints.
     let (status, _) = server.get("/api/v1/session").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

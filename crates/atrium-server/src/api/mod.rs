@@ -624,9 +624,13 @@ pub struct AuditFilter {
     pub action: Option<String>,
     /// At most this many (default 100, at most 10000).
     pub limit: Option<u32>,
+    /// Only entries before this sequence number (paging backwards with `order=desc`).
+    pub before: Option<i64>,
+    /// `asc` (default: oldest first) or `desc` (newest first).
+    pub order: Option<String>,
 }
 
-/// Reads the audit log, oldest first.
+/// Reads the audit log, oldest first (or newest first with `order=desc`).
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditFilter), security(("token" = [])), responses((status = 200, body = [AuditView])))]
 async fn list_audit(
     State(ctx): State<Arc<Ctx>>,
@@ -634,13 +638,24 @@ async fn list_audit(
     Query(filter): Query<AuditFilter>,
 ) -> Result<Json<Vec<AuditView>>, ApiError> {
     caller.require(Role::Viewer)?;
+    let newest_first = match filter.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "order must be asc or desc, not {other:?}"
+            )));
+        }
+    };
     let entries = ctx
         .store
         .audit(&AuditQuery {
             since_seq: filter.since,
+            before_seq: filter.before,
             target: filter.target,
             action_prefix: filter.action,
             limit: filter.limit.unwrap_or(100).clamp(1, 10_000),
+            newest_first,
             ..AuditQuery::default()
         })
         .await?;
