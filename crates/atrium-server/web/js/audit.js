@@ -4,22 +4,22 @@ import { api, boot, h, flash, timeEl } from './app.js';
 const PAGE = 1000;
 const SHOW_STEP = 200;
 const POLL_MS = 5000;
-let entries = []; // oldest first
-let shown = SHOW_STEP;
+let entries = []; // oldest first: the newest pages read so far
+let hasOlder = false;
 let generation = 0;
 
-function query(since) {
-  const q = new URLSearchParams({ limit: String(PAGE), since: String(since) });
+function query(params) {
+  const q = new URLSearchParams(params);
   if (document.getElementById('action').value) q.set('action', document.getElementById('action').value);
   if (document.getElementById('target').value.trim()) q.set('target', document.getElementById('target').value.trim());
   return `/audit?${q}`;
 }
 
-/** Reads entries after `since`, page by page (the API lists oldest first). */
+/** Reads entries after `since`, page by page, oldest first. */
 async function readAfter(since) {
   const out = [];
   for (;;) {
-    const page = await api(query(since));
+    const page = await api(query({ limit: String(PAGE), since: String(since) }));
     out.push(...page);
     if (page.length < PAGE) return out;
     since = page[page.length - 1].seq;
@@ -36,7 +36,7 @@ function targetCell(e) {
 
 function draw() {
   const tbody = document.querySelector('#audit tbody');
-  const newest = entries.slice(-shown).reverse();
+  const newest = entries.slice().reverse();
   tbody.replaceChildren(...(newest.length ? newest.map((e) => h('tr', { 'data-action': e.action, 'data-target': e.target },
     h('td', { class: 'num' }, String(e.seq)),
     h('td', { class: 'nowrap' }, timeEl(e.time_ms)),
@@ -45,16 +45,34 @@ function draw() {
     h('td', { class: 'mono small' }, targetCell(e)),
     h('td', { class: 'mono small details' }, e.details && Object.keys(e.details).length ? JSON.stringify(e.details) : '–')))
     : [h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No entries.'))]));
-  document.getElementById('more').hidden = entries.length <= shown;
-  document.getElementById('count').textContent = `${entries.length} entries`;
+  document.getElementById('more').hidden = !hasOlder;
+  document.getElementById('count').textContent = `${entries.length} entries shown`;
+}
+
+/** Reads the `SHOW_STEP` entries before `before` (or the newest), newest first from the API. */
+async function readBefore(before) {
+  const params = { order: 'desc', limit: String(SHOW_STEP) };
+  if (before !== undefined) params.before = String(before);
+  const page = await api(query(params));
+  return { older: page.reverse(), more: page.length === SHOW_STEP };
 }
 
 async function load() {
   const mine = ++generation;
-  const all = await readAfter(0);
+  const { older, more } = await readBefore();
   if (mine !== generation) return;
-  entries = all;
-  shown = SHOW_STEP;
+  entries = older;
+  hasOlder = more;
+  draw();
+}
+
+async function loadOlder() {
+  const mine = generation;
+  if (!entries.length) return;
+  const { older, more } = await readBefore(entries[0].seq);
+  if (mine !== generation) return;
+  entries.unshift(...older);
+  hasOlder = more;
   draw();
 }
 
@@ -79,8 +97,7 @@ async function main() {
   });
   document.getElementById('action').addEventListener('change', () => load().catch((err) => flash(err.message, 'error')));
   document.getElementById('more').addEventListener('click', () => {
-    shown += SHOW_STEP;
-    draw();
+    loadOlder().catch((err) => flash(err.message, 'error'));
   });
   await load();
   setInterval(() => poll().catch((e) => flash(e.message, 'error')), POLL_MS);
