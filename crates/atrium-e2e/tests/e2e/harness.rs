@@ -390,8 +390,15 @@ pub enum Probe {
     Other(#[allow(dead_code)] String),
 }
 
-/// Opens a device link by hand with the key and certificate chain found in an agent's data directory.
-pub async fn probe_link(server: &TestServer, key_path: &std::path::Path, chain_pem: &str) -> Probe {
+type LinkSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// TLS with the agent's key and certificate chain, then the WebSocket upgrade of the link.
+async fn open_link(
+    server: &TestServer,
+    key_path: &std::path::Path,
+    chain_pem: &str,
+) -> Result<LinkSocket, String> {
     let key: Arc<dyn DeviceKey> = Arc::new(atrium_pki::FileKey::load(key_path).expect("key"));
     let chain: Vec<CertificateDer<'static>> =
         atrium_pki::parse_pem_certs(chain_pem).expect("chain");
@@ -403,27 +410,36 @@ pub async fn probe_link(server: &TestServer, key_path: &std::path::Path, chain_p
         .await
         .expect("tcp");
     let name = ServerName::try_from("127.0.0.1").expect("name");
-    let stream = match tokio_rustls::TlsConnector::from(tls)
+    let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
-    {
-        Ok(stream) => stream,
-        Err(e) => return Probe::TlsRefused(e.to_string()),
-    };
-    let (mut ws, _) = match tokio_tungstenite::client_async(server.link_url(), stream).await {
-        Ok(ws) => ws,
-        Err(e) => return Probe::TlsRefused(e.to_string()),
-    };
-    let mut out = SeqCounter::default();
-    let hello = Message::Hello(Hello {
-        agent_version: "probe".into(),
+        .map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(server.link_url(), stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// The hello of a hand-driven link.
+fn hello(agent_version: &str) -> Message {
+    Message::Hello(Hello {
+        agent_version: agent_version.into(),
         min_protocol: 1,
         max_protocol: 1,
         features: vec![],
-    });
+    })
+}
+
+/// Opens a device link by hand with the key and certificate chain found in an agent's data directory.
+pub async fn probe_link(server: &TestServer, key_path: &std::path::Path, chain_pem: &str) -> Probe {
+    let mut ws = match open_link(server, key_path, chain_pem).await {
+        Ok(ws) => ws,
+        Err(e) => return Probe::TlsRefused(e),
+    };
+    let mut out = SeqCounter::default();
     if let Err(e) = ws
         .send(tokio_tungstenite::tungstenite::Message::Binary(
-            out.encode(hello).into(),
+            out.encode(hello("probe")).into(),
         ))
         .await
     {
@@ -444,7 +460,7 @@ pub async fn probe_link(server: &TestServer, key_path: &std::path::Path, chain_p
 
 /// A device link driven by hand: hello and welcome done, then any message either way.
 pub struct RawLink {
-    ws: tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    ws: LinkSocket,
     out: SeqCounter,
 }
 
@@ -455,35 +471,14 @@ impl RawLink {
         key_path: &std::path::Path,
         chain_pem: &str,
     ) -> RawLink {
-        let key: Arc<dyn DeviceKey> = Arc::new(atrium_pki::FileKey::load(key_path).expect("key"));
-        let chain: Vec<CertificateDer<'static>> =
-            atrium_pki::parse_pem_certs(chain_pem).expect("chain");
-        let roots =
-            atrium_pki::parse_pem_certs(&std::fs::read_to_string(server.ca_file()).expect("ca"))
-                .expect("roots");
-        let tls = atrium_pki::tls::client_config(&roots, Some((chain, key))).expect("tls");
-        let tcp = tokio::net::TcpStream::connect(server.config.link_listen)
+        let ws = open_link(server, key_path, chain_pem)
             .await
-            .expect("tcp");
-        let name = ServerName::try_from("127.0.0.1").expect("name");
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .expect("TLS");
-        let (ws, _) = tokio_tungstenite::client_async(server.link_url(), stream)
-            .await
-            .expect("upgrade");
+            .expect("TLS and upgrade");
         let mut link = RawLink {
             ws,
             out: SeqCounter::default(),
         };
-        link.send(Message::Hello(Hello {
-            agent_version: "raw".into(),
-            min_protocol: 1,
-            max_protocol: 1,
-            features: vec![],
-        }))
-        .await;
+        link.send(hello("raw")).await;
         match link.recv().await {
             Message::Welcome(_) => link,
             other => panic!("expected welcome, got {other:?}"),
