@@ -262,17 +262,7 @@ async fn telemetry_reaches_room_state_and_live_stream(backend: Backend) {
     let body: Value = serde_json::from_str(&delivered.body).expect("webhook json");
     assert_eq!(body["target"], room_id.as_str(), "{body}");
     assert_eq!(body["details"]["kind"], "arrival");
-    let secret = hook["secret"].as_str().expect("secret");
-    let sig = delivered.header("x-atrium-signature");
-    let t: i64 = sig
-        .split(',')
-        .find_map(|p| p.strip_prefix("t="))
-        .and_then(|t| t.parse().ok())
-        .expect("t=");
-    assert_eq!(
-        sig,
-        atrium_server::webhooks::signature(secret, t, delivered.body.as_bytes())
-    );
+    crate::webhooks::assert_signed(&delivered, hook["secret"].as_str().expect("secret"));
     sse_until(
         &mut sse,
         &mut sse_buf,
