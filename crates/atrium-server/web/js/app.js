@@ -227,6 +227,14 @@ export function confirmDialog({ title, message, confirmLabel = 'Confirm', danger
   });
 }
 
+/** Shows the live stream's status in the page's `#live` indicator (word and colour). */
+export function setLive(status) {
+  const el = document.getElementById('live');
+  el.classList.toggle('on', status === 'live');
+  el.classList.toggle('off', status !== 'live');
+  el.textContent = status === 'live' ? 'Live' : 'Reconnecting…';
+}
+
 /**
  * Follows the live room stream (server-sent events). Calls onState(room_id, state) and
  * onEvent(room_id, event); onStatus('live' | 'reconnecting'). Reconnects by itself; when

@@ -1,6 +1,6 @@
 // Floor view: every room as a tile, updated live from the room stream.
 import {
-  api, boot, h, flash, roomStream, co2Badge, ventilationAdvice, hasReadings, fmtNum, fmtPct,
+  api, boot, h, flash, roomStream, setLive, co2Badge, ventilationAdvice, hasReadings, fmtNum, fmtPct,
   fmtClock, timeEl, eventText, floorOrder,
 } from './app.js';
 
@@ -102,13 +102,6 @@ function addEvent(roomId, event) {
     h('a', { href: `room.html?id=${encodeURIComponent(roomId)}` }, name),
     h('span', {}, eventText(event))));
   while (list.children.length > MAX_EVENTS) list.lastElementChild.remove();
-}
-
-function setLive(status) {
-  const el = document.getElementById('live');
-  el.classList.toggle('on', status === 'live');
-  el.classList.toggle('off', status !== 'live');
-  el.textContent = status === 'live' ? 'Live' : 'Reconnecting…';
 }
 
 async function main() {

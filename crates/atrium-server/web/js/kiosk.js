@@ -1,5 +1,5 @@
 // Kiosk view: one room on a wall display, readable from the door.
-import { api, boot, flash, param, roomStream, co2Level, ventilationAdvice, hasReadings, fmtNum, fmtClock } from './app.js';
+import { api, boot, flash, param, roomStream, setLive, co2Level, ventilationAdvice, hasReadings, fmtNum, fmtClock } from './app.js';
 
 const id = param('id');
 let room = null;
@@ -26,13 +26,6 @@ function draw() {
   const advice = known ? ventilationAdvice(st) : null;
   document.getElementById('advice').textContent = advice ? advice.text.replace(/^Ventilate in/, 'Open a window in') : '';
   document.getElementById('clock').textContent = known ? fmtClock(st.updated_ms) : '';
-}
-
-function setLive(status) {
-  const el = document.getElementById('live');
-  el.classList.toggle('on', status === 'live');
-  el.classList.toggle('off', status !== 'live');
-  el.textContent = status === 'live' ? 'Live' : 'Reconnecting…';
 }
 
 async function main() {

@@ -1,7 +1,7 @@
 // Room page: live state, charts of the last hours (up to the room's own latest reading,
 // which runs ahead of the wall clock in a time-compressed demo), events, utilization.
 import {
-  api, boot, h, flash, param, roomStream, co2Badge, ventilationAdvice, hasReadings, fmtNum,
+  api, boot, h, flash, param, roomStream, setLive, co2Badge, ventilationAdvice, hasReadings, fmtNum,
   fmtPct, fmtClock, fmtDateTime, timeEl, eventText, co2Limits, floorOrder,
 } from './app.js';
 import { timeChart } from './chart.js';
@@ -112,13 +112,6 @@ function scheduleReload() {
     reloadTimer = null;
     loadHistory().catch((e) => flash(e.message, 'error'));
   }, wait);
-}
-
-function setLive(status) {
-  const el = document.getElementById('live');
-  el.classList.toggle('on', status === 'live');
-  el.classList.toggle('off', status !== 'live');
-  el.textContent = status === 'live' ? 'Live' : 'Reconnecting…';
 }
 
 async function main() {
