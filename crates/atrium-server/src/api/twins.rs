@@ -60,10 +60,13 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     })
 }
 
-fn object(body: Value) -> Result<serde_json::Map<String, Value>, ApiError> {
+/// An operator's desired document or patch: a JSON object within the twin limits that does
+/// not touch the keys the server maintains.
+fn operator_object(body: Value) -> Result<serde_json::Map<String, Value>, ApiError> {
     match body {
         Value::Object(map) => {
             atrium_proto::twin::check(&map).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            twins::refuse_server_keys(&map)?;
             Ok(map)
         }
         _ => Err(ApiError::BadRequest(
@@ -103,8 +106,7 @@ pub async fn patch_desired(
     Body(body): Body<Value>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
-    let patch = object(body)?;
-    twins::refuse_server_keys(&patch)?;
+    let patch = operator_object(body)?;
     write_desired(&ctx, &caller, id, Change::Patch(patch), if_match(&headers)?).await
 }
 
@@ -119,8 +121,7 @@ pub async fn put_desired(
     Body(body): Body<Value>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
-    let mut doc = object(body)?;
-    twins::refuse_server_keys(&doc)?;
+    let mut doc = operator_object(body)?;
     let expected = if_match(&headers)?;
     let (current, _) = read(&ctx, &id).await?;
     // Without If-Match the kept server keys could be a moment old; the store's version
