@@ -52,6 +52,77 @@ pub struct ServerConfig {
     pub retention_readings_days: u32,
     /// Room history minutes and events older than this many days are deleted.
     pub retention_history_days: u32,
+    /// External systems kept in step with the device lifecycle, twins and rooms
+    /// (`[[integrations]]` tables in the file; see docs/INTEGRATIONS.md).
+    pub integrations: Vec<IntegrationConfig>,
+}
+
+/// One external integration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IntegrationConfig {
+    /// A device registry behind a webhook: signed `PUT`/`DELETE` calls per device.
+    Http(HttpRegistryConfig),
+    /// An external MQTT broker: retained device and room topics, live events.
+    Mqtt(MqttBridgeConfig),
+}
+
+impl IntegrationConfig {
+    /// The integration's name (unique; also names its cursor in the store).
+    pub fn name(&self) -> &str {
+        match self {
+            IntegrationConfig::Http(c) => &c.name,
+            IntegrationConfig::Mqtt(c) => &c.name,
+        }
+    }
+}
+
+/// A device registry reached over HTTPS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRegistryConfig {
+    /// Unique name.
+    pub name: String,
+    /// Base URL; devices live at `<url>/devices/<id>`.
+    pub url: String,
+    /// File holding the HMAC key of the request signatures (kept out of the configuration).
+    pub secret_file: PathBuf,
+}
+
+/// An external MQTT broker the server mirrors to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttBridgeConfig {
+    /// Unique name.
+    pub name: String,
+    /// `mqtt://host[:port]` (port 1883 by default).
+    pub url: String,
+    /// First level of every topic.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// MQTT client id; default `atrium-<name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name, when the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password (kept out of the configuration).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Mirror room state and room events too.
+    #[serde(default = "yes")]
+    pub rooms: bool,
+    /// Publish every event (lifecycle, connections, twins, rooms) to `<prefix>/events/<type>`.
+    #[serde(default = "yes")]
+    pub events: bool,
+}
+
+fn default_topic_prefix() -> String {
+    "atrium".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for ServerConfig {
@@ -75,6 +146,7 @@ impl Default for ServerConfig {
             telemetry_max_future_ms: 5 * 60_000,
             retention_readings_days: 30,
             retention_history_days: 730,
+            integrations: Vec::new(),
         }
     }
 }
@@ -125,6 +197,37 @@ impl ServerConfig {
         } else {
             self.database_url.clone()
         }
+    }
+
+    /// Checks what the types cannot: unique, well-formed integration names.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for i in &self.integrations {
+            let name = i.name();
+            let well_formed = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !well_formed {
+                return Err(format!(
+                    "integration name {name:?}: use 1-64 letters, digits, - or _"
+                ));
+            }
+            if !names.insert(name) {
+                return Err(format!("integration name {name:?} is used twice"));
+            }
+            if let IntegrationConfig::Mqtt(m) = i {
+                let prefix = m.topic_prefix.trim_end_matches('/');
+                if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.starts_with('$') {
+                    return Err(format!(
+                        "integration {name:?}: topic_prefix {:?} must be a non-empty topic without wildcards",
+                        m.topic_prefix
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Lifetime of operational certificates.
@@ -184,6 +287,61 @@ mod tests {
             assert!(err.to_string().contains("heartbeats"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn integrations_from_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "atrium.toml",
+                r#"
+[[integrations]]
+kind = "mqtt"
+name = "site-broker"
+url = "mqtt://127.0.0.1:1883"
+
+[[integrations]]
+kind = "http"
+name = "registry"
+url = "https://registry.example/api"
+secret_file = "/etc/atrium/registry.secret"
+"#,
+            )?;
+            let config =
+                ServerConfig::load(Some(Path::new("atrium.toml")), Flags { heartbeat_s: None })
+                    .map_err(|e| *e)?;
+            assert_eq!(config.integrations.len(), 2);
+            match &config.integrations[0] {
+                IntegrationConfig::Mqtt(m) => {
+                    assert_eq!(m.topic_prefix, "atrium");
+                    assert!(m.rooms && m.events);
+                }
+                other => panic!("expected mqtt, got {other:?}"),
+            }
+            assert_eq!(config.integrations[1].name(), "registry");
+            assert!(config.validate().is_ok());
+
+            jail.create_file(
+                "bad.toml",
+                "[[integrations]]\nkind = \"mqtt\"\nname = \"x\"\nurl = \"mqtt://h\"\nprefix = \"p\"\n",
+            )?;
+            let err = ServerConfig::load(Some(Path::new("bad.toml")), Flags { heartbeat_s: None })
+                .expect_err("typo must not be ignored");
+            assert!(err.to_string().contains("prefix"), "{err}");
+            Ok(())
+        });
+        let twice = ServerConfig {
+            integrations: vec![
+                IntegrationConfig::Http(HttpRegistryConfig {
+                    name: "a".into(),
+                    url: "https://x".into(),
+                    secret_file: "/s".into(),
+                });
+                2
+            ],
+            ..ServerConfig::default()
+        };
+        assert!(twice.validate().is_err_and(|e| e.contains("twice")));
     }
 
     #[test]

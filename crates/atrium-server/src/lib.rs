@@ -13,8 +13,10 @@ pub mod api;
 mod auth;
 pub mod config;
 mod enroll;
+pub mod events;
 mod http;
 mod ingest;
+pub mod integrations;
 mod link;
 mod registry;
 pub mod rooms;
@@ -49,6 +51,10 @@ pub struct Ctx {
     pub links: LinkRegistry,
     /// Live state of every room.
     pub rooms: Arc<rooms::RoomHub>,
+    /// Lifecycle, twin, connection and room events as they happen.
+    pub events: Arc<events::EventBus>,
+    /// The external integrations of this node and how they fare.
+    pub integrations: Vec<Arc<integrations::Handle>>,
     enroller: enroll::Enroller,
     ingest: ingest::Ingest,
     logins: accounts::LoginGuard,
@@ -86,6 +92,7 @@ impl RunningServer {
 
 /// Starts a server node.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    config.validate().map_err(anyhow::Error::msg)?;
     create_private_dir(&config.data_dir)?;
     let store = Store::open(&config.database_url())
         .await
@@ -121,12 +128,34 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         &tasks,
         shutdown.clone(),
     );
+    // Registries are built before anything starts, so a bad secret file fails the start.
+    let mut http_registries = Vec::new();
+    let mut handles = Vec::new();
+    for integration in &config.integrations {
+        let (kind, registry) = match integration {
+            config::IntegrationConfig::Http(c) => (
+                "http",
+                Some(
+                    integrations::http::HttpRegistry::new(c)
+                        .with_context(|| format!("integration {}", c.name))?,
+                ),
+            ),
+            config::IntegrationConfig::Mqtt(_) => ("mqtt", None),
+        };
+        let handle = integrations::Handle::new(integration.name(), kind);
+        if let Some(registry) = registry {
+            http_registries.push((Arc::new(registry), handle.clone()));
+        }
+        handles.push(handle);
+    }
     let ctx = Arc::new(Ctx {
         config,
         store,
         ca,
         links: LinkRegistry::default(),
         rooms: hub,
+        events: Arc::new(events::EventBus::default()),
+        integrations: handles,
         enroller,
         ingest,
         logins: accounts::LoginGuard::default(),
@@ -162,7 +191,32 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tasks.spawn(link::flush_last_seen(ctx.clone(), shutdown.clone()));
     tasks.spawn(rooms::flush(ctx.clone(), shutdown.clone()));
     tasks.spawn(purge_sessions(ctx.clone(), shutdown.clone()));
+    tasks.spawn(events::run(
+        ctx.store.clone(),
+        ctx.events.clone(),
+        ctx.rooms.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(webhooks::run(ctx.clone(), shutdown.clone()));
+    for (registry, handle) in http_registries {
+        tasks.spawn(integrations::drive(
+            ctx.store.clone(),
+            registry,
+            handle,
+            shutdown.clone(),
+        ));
+    }
+    for (integration, handle) in ctx.config.integrations.iter().zip(&ctx.integrations) {
+        if let config::IntegrationConfig::Mqtt(c) = integration {
+            let (c, ctx2, handle, stop) =
+                (c.clone(), ctx.clone(), handle.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = integrations::mqtt::run(c, ctx2, handle, stop).await {
+                    tracing::error!(error = %e, "MQTT bridge stopped");
+                }
+            });
+        }
+    }
     tracing::info!(%api_addr, %link_addr, "atrium server started");
     Ok(RunningServer {
         api_addr,

@@ -123,10 +123,10 @@ async fn handle(
     let (control_tx, control_rx) = mpsc::channel(4);
     let registration = ctx.links.register(&peer.device_id, control_tx);
     // A decision taken between `admit` and `register` would have found no link to close.
-    let result = match admit(ctx, &peer.device_id, &peer.serial_hex).await {
+    let (result, announced, end) = match admit(ctx, &peer.device_id, &peer.serial_hex).await {
         Err(e) => {
             refuse_unadmitted(&mut ws, &e).await;
-            Err(e)
+            (Err(e), false, None)
         }
         Ok(()) => {
             let mut session = Session {
@@ -136,18 +136,29 @@ async fn handle(
                 out: SeqCounter::default(),
                 inbound: SeqCheck::default(),
                 twin_version: 0,
+                announced: false,
+                end: None,
             };
-            session.run(control_rx, shutdown).await
+            let result = session.run(control_rx, shutdown).await;
+            (result, session.announced, session.end)
         }
     };
     ctx.links.unregister(&registration);
-    if !ctx.links.is_connected(&peer.device_id)
-        && let Err(e) = ctx
+    if !ctx.links.is_connected(&peer.device_id) {
+        if let Err(e) = ctx
             .store
             .set_connected(&peer.device_id, false, now_ms())
             .await
-    {
-        tracing::warn!(device = %peer.device_id, error = %e, "could not record disconnect");
+        {
+            tracing::warn!(device = %peer.device_id, error = %e, "could not record disconnect");
+        }
+        if announced {
+            let reason = match &result {
+                Ok(()) => end.unwrap_or_else(|| "the agent closed the link".to_owned()),
+                Err(e) => e.to_string(),
+            };
+            ctx.events.disconnected(&peer.device_id, &reason);
+        }
     }
     result
 }
@@ -209,6 +220,10 @@ struct Session<'a, S> {
     inbound: SeqCheck,
     /// Version of the last desired twin sent on this link (0: none yet).
     twin_version: u64,
+    /// Whether `device.connected` was published for this link.
+    announced: bool,
+    /// Why the link ended, when one side said so.
+    end: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
@@ -264,6 +279,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .set_connected(self.device_id, true, now_ms())
             .await?;
         tracing::debug!(device = %self.device_id, agent = %hello.agent_version, protocol, "device connected");
+        self.ctx.events.connected(
+            self.device_id,
+            serde_json::json!({ "agent_version": hello.agent_version, "protocol": protocol }),
+        );
+        self.announced = true;
         // Connecting is when a gateway's room assignment catches up with the rooms API (first
         // connect after an upgrade, or changes made while no link was up).
         if let Err(e) = crate::twins::sync_rooms(self.ctx, self.device_id).await {
@@ -346,6 +366,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Message::Twin(doc) => self.reported_twin(doc).await,
             Message::Goodbye(reason) => {
                 tracing::debug!(device = %self.device_id, %reason, "agent said goodbye");
+                self.end = Some(format!("agent: {}", truncate(&reason, 200)));
                 Ok(())
             }
             other => {
@@ -503,6 +524,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 
     /// Tells the agent why, then closes normally.
     async fn close(&mut self, reason: &str) -> Result<(), LinkError> {
+        self.end = Some(reason.to_owned());
         let _ = self.send(Message::Goodbye(reason.to_owned())).await;
         let _ = self
             .ws

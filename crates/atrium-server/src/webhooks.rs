@@ -4,8 +4,9 @@
 //! Two feeds produce events. Lifecycle and twin changes come from the audit log (device
 //! enrollments and decisions, twin writes: whatever is audited), read from a cursor that moves
 //! in the same transaction as the enqueued deliveries, so they survive restarts and are
-//! enqueued once even with several server nodes. Room events (arrival, departure, ventilate,
-//! ventilated) come from the rooms engine as they happen.
+//! enqueued once even with several server nodes. Events that are not audited — connections
+//! (`device.connected`, `device.disconnected`) and room events (arrival, departure, ventilate,
+//! ventilated) — come from the node's event bus ([`crate::events`]) as they happen.
 //!
 //! A delivery is `POST <url>` with the event as JSON body and the headers
 //! `X-Atrium-Event` (type), `X-Atrium-Delivery` (event id: receivers de-duplicate by it) and
@@ -16,18 +17,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use atrium_store::{AttemptOutcome, AuditQuery, Delivery, OutgoingEvent, Webhook};
+use atrium_store::{AttemptOutcome, Delivery, OutgoingEvent, Webhook};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::Ctx;
+use crate::events::Event;
 use crate::now_ms;
-use crate::rooms::LiveUpdate;
 
 /// Attempts per delivery before it is marked failed.
 pub const MAX_ATTEMPTS: i64 = 10;
-/// Audit actions that are events (prefixes).
-const LIFECYCLE_PREFIXES: &[&str] = &["device.", "twin.", "enrollment_group."];
 const POLL: Duration = Duration::from_millis(500);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCH: i64 = 64;
@@ -57,15 +56,15 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             return;
         }
     };
-    let rooms = ctx.rooms.subscribe();
+    let live = ctx.events.subscribe();
     tokio::join!(
         lifecycle_feed(&ctx, &shutdown),
-        room_feed(&ctx, rooms, &shutdown),
+        live_feed(&ctx, live, &shutdown),
         deliver_loop(&ctx, &http, &shutdown),
     );
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
+pub(crate) fn client() -> anyhow::Result<reqwest::Client> {
     let provider = atrium_pki::crypto_provider();
     let verifier = rustls_platform_verifier::Verifier::new(provider.clone())?;
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -95,77 +94,64 @@ async fn lifecycle_feed(ctx: &Ctx, shutdown: &CancellationToken) {
 
 async fn lifecycle_step(ctx: &Ctx) -> Result<(), atrium_store::StoreError> {
     let from = ctx.store.event_cursor().await?;
-    let entries = ctx
-        .store
-        .audit(&AuditQuery {
-            since_seq: Some(from),
-            limit: 500,
-            ..AuditQuery::default()
-        })
-        .await?;
-    let Some(last) = entries.last().map(|e| e.seq) else {
+    let (events, last) = crate::events::audited_since(&ctx.store, from, 500).await?;
+    if last == from {
         return Ok(());
-    };
-    let events: Vec<OutgoingEvent> = entries
-        .iter()
-        .filter(|e| LIFECYCLE_PREFIXES.iter().any(|p| e.action.starts_with(p)))
-        .map(|e| OutgoingEvent {
-            id: format!("audit-{}", e.seq),
-            event_type: e.action.clone(),
-            payload: serde_json::json!({
-                "id": format!("audit-{}", e.seq),
-                "type": e.action,
-                "time_ms": e.time_ms,
-                "actor": e.actor,
-                "target": e.target,
-                "details": e.details,
-            })
-            .to_string(),
-        })
-        .collect();
+    }
+    let events: Vec<OutgoingEvent> = events.iter().map(outgoing).collect();
     ctx.store
         .enqueue_events(&events, Some((from, last)), now_ms())
         .await?;
     Ok(())
 }
 
-async fn room_feed(
+fn outgoing(event: &Event) -> OutgoingEvent {
+    OutgoingEvent {
+        id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        payload: serde_json::to_string(event).unwrap_or_default(),
+    }
+}
+
+/// Events that are not in the audit log (connections, rooms) are enqueued as they come, many
+/// at a time when they come fast.
+async fn live_feed(
     ctx: &Ctx,
-    mut rx: broadcast::Receiver<LiveUpdate>,
+    mut rx: broadcast::Receiver<Arc<Event>>,
     shutdown: &CancellationToken,
 ) {
     loop {
-        let update = tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.cancelled() => return,
-            u = rx.recv() => u,
+            e = rx.recv() => e,
         };
-        let (room_id, event) = match update {
-            Ok(LiveUpdate::Event { room_id, event }) => (room_id, event),
-            Ok(_) => continue,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "webhook room feed fell behind; events skipped");
-                continue;
+        let mut batch = Vec::new();
+        let mut next = first;
+        loop {
+            match next {
+                Ok(event) if !event.is_audited() => batch.push(outgoing(&event)),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "webhook live feed fell behind; events skipped");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let body = serde_json::json!({ "room_id": room_id, "event": event });
-        let kind = body["event"]["kind"].as_str().unwrap_or("event").to_owned();
-        let time = body["event"]["time_ms"].as_i64().unwrap_or_default();
-        let id = format!("room-{room_id}-{time}-{kind}");
-        let payload = serde_json::json!({
-            "id": id,
-            "type": format!("room.{kind}"),
-            "time_ms": time,
-            "target": room_id,
-            "details": body["event"],
-        });
-        let event = OutgoingEvent {
-            id,
-            event_type: format!("room.{kind}"),
-            payload: payload.to_string(),
-        };
-        if let Err(e) = ctx.store.enqueue_events(&[event], None, now_ms()).await {
-            tracing::warn!(error = %e, "room event not enqueued for webhooks");
+            if batch.len() >= BATCH as usize {
+                break;
+            }
+            next = match rx.try_recv() {
+                Ok(e) => Ok(e),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(_) => break,
+            };
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if let Err(e) = ctx.store.enqueue_events(&batch, None, now_ms()).await {
+            tracing::warn!(error = %e, events = batch.len(), "events not enqueued for webhooks");
         }
     }
 }

@@ -36,6 +36,7 @@ mod audit;
 mod devices;
 mod enroll;
 mod error;
+mod integrations;
 mod model;
 mod rooms;
 mod rows;

@@ -8,6 +8,7 @@ mod dashboard_bench;
 mod demo;
 mod harness;
 mod identity;
+mod integrations;
 mod rooms;
 mod twins;
 mod web;

@@ -29,7 +29,7 @@ fn reading(name: &str, time_ms: i64, value: f64) -> Reading {
 }
 
 /// Reads server-sent events until one satisfies `pred`; panics after `timeout`.
-async fn sse_until(
+pub(crate) async fn sse_until(
     stream: &mut reqwest::Response,
     buffer: &mut String,
     timeout: Duration,
@@ -58,7 +58,7 @@ async fn sse_until(
         assert!(!left.is_zero(), "no matching SSE event; buffer {buffer:?}");
         match tokio::time::timeout(left, stream.chunk()).await {
             Ok(Ok(Some(chunk))) => buffer.push_str(&String::from_utf8_lossy(&chunk)),
-            other => panic!("SSE stream ended: {other:?}"),
+            other => panic!("SSE stream ended: {other:?}; buffer {buffer:?}"),
         }
     }
 }

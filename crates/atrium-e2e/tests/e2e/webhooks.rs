@@ -18,6 +18,8 @@ both_backends!(webhooks_are_signed_retried_and_logged);
 /// One received request: headers (lower-case names) and body.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// The request line: method, path, version.
+    pub line: String,
     headers: Vec<(String, String)>,
     pub body: String,
 }
@@ -87,6 +89,7 @@ pub async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Received>>>) 
                 "200 OK"
             };
             log.lock().expect("log").push(Received {
+                line: head.lines().next().unwrap_or_default().to_owned(),
                 headers,
                 body: String::from_utf8_lossy(&body).into_owned(),
             });

@@ -5,6 +5,7 @@
 //! Every mutation writes an audit entry in the same transaction as the change.
 
 pub mod error;
+pub mod events;
 pub mod rooms;
 pub mod session;
 pub mod twins;
@@ -52,7 +53,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         session::list_users, session::create_user, session::update_user,
         twins::get_twin, twins::patch_desired, twins::put_desired,
         webhooks::create_webhook, webhooks::list_webhooks, webhooks::delete_webhook,
-        webhooks::list_deliveries
+        webhooks::list_deliveries, events::event_stream, events::list_integrations
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -149,6 +150,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/api/v1/sensor-nodes", get(rooms::list_sensor_nodes))
         .route("/api/v1/sensor-nodes/{node}", put(rooms::put_sensor_node))
         .route("/api/v1/telemetry/stats", get(rooms::telemetry_stats))
+        .route("/api/v1/events", get(events::event_stream))
+        .route("/api/v1/integrations", get(events::list_integrations))
         .route("/api/v1/events/rooms", get(rooms::room_stream))
         .route(
             "/api/v1/session",

@@ -6,7 +6,8 @@ use crate::support::{T0, TestDb, op};
 
 backend_suite!(
     deliveries_follow_subscriptions_and_attempts,
-    the_event_cursor_moves_once
+    the_event_cursor_moves_once,
+    integration_cursors_move_once_per_name
 );
 
 fn event(id: &str, event_type: &str) -> OutgoingEvent {
@@ -121,4 +122,20 @@ async fn the_event_cursor_moves_once(db: &TestDb) {
         .map(|d| d.event_id)
         .collect();
     assert_eq!(ids, ["audit-1"]);
+}
+
+async fn integration_cursors_move_once_per_name(db: &TestDb) {
+    let s = &db.store;
+    assert_eq!(s.integration_cursor("mqtt").await.unwrap(), 0);
+    assert!(s.move_integration_cursor("mqtt", 0, 5).await.unwrap());
+    // A second node that read the same start loses the race and writes nothing.
+    assert!(!s.move_integration_cursor("mqtt", 0, 7).await.unwrap());
+    assert_eq!(s.integration_cursor("mqtt").await.unwrap(), 5);
+    assert!(s.move_integration_cursor("mqtt", 5, 9).await.unwrap());
+    assert!(!s.move_integration_cursor("mqtt", 5, 11).await.unwrap());
+    // Each integration has its own cursor.
+    assert_eq!(s.integration_cursor("registry").await.unwrap(), 0);
+    assert!(s.move_integration_cursor("registry", 0, 2).await.unwrap());
+    assert_eq!(s.integration_cursor("mqtt").await.unwrap(), 9);
+    assert_eq!(s.integration_cursor("registry").await.unwrap(), 2);
 }
