@@ -114,10 +114,16 @@ const MIGRATIONS: &[MigrationFile] = &[
         sqlite: include_str!("../migrations/sqlite/0005_webhooks.sql"),
         postgres: include_str!("../migrations/postgres/0005_webhooks.sql"),
     },
+    MigrationFile {
+        version: 6,
+        description: "groups",
+        sqlite: include_str!("../migrations/sqlite/0006_groups.sql"),
+        postgres: include_str!("../migrations/postgres/0006_groups.sql"),
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_SCHEMA_VERSION: i64 = 5;
+pub const LATEST_SCHEMA_VERSION: i64 = 6;
 
 /// The file names of the embedded migrations, for the test that keeps the list honest.
 #[doc(hidden)]
