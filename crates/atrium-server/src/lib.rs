@@ -13,6 +13,7 @@ pub mod api;
 mod auth;
 pub mod config;
 mod enroll;
+pub mod groups;
 mod http;
 mod ingest;
 mod link;
