@@ -6,6 +6,7 @@
 mod accounts;
 mod dashboard_bench;
 mod demo;
+mod groups;
 mod harness;
 mod identity;
 mod rooms;
