@@ -6,7 +6,7 @@
 //! `atrium_proto::filter` and evaluates it over [`Store::all_devices`], so that membership
 //! always follows the current attributes and tags.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use sqlx::AnyConnection;
 
@@ -19,6 +19,9 @@ use crate::twins::StoredSection;
 
 /// Ids per `IN (...)` list in bulk reads.
 const IDS_PER_QUERY: usize = 500;
+/// Writes per multi-row statement of a desired-twin batch (6 parameters each: well below
+/// both backends' parameter limits).
+const ROWS_PER_STATEMENT: usize = 500;
 /// How often a tag change retries after a concurrent change of the same device's tags.
 const TAG_RETRIES: usize = 8;
 
@@ -369,7 +372,9 @@ impl Store {
     /// from the version its writer read, and each successful write's audit entry with it.
     /// Returns one outcome per write, in order: `Conflict` when the section moved on or the
     /// device is rejected or decommissioned (its twin is frozen), `NotFound` for an unknown
-    /// device. A failed item changes nothing; the others still commit.
+    /// device, `Invalid` for a version that does not grow or a device listed twice. A failed
+    /// item changes nothing; the others still commit. Statements are multi-row (a few per
+    /// [`ROWS_PER_STATEMENT`] writes), so a batch of thousands costs a few dozen round trips.
     pub async fn put_desired_batch(
         &self,
         writes: &[DesiredWrite],
@@ -378,88 +383,194 @@ impl Store {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
+        let mut outcomes: Vec<Option<Result<(), StoreError>>> =
+            std::iter::repeat_with(|| None).take(writes.len()).collect();
+        let mut seen = HashSet::new();
+        for (i, w) in writes.iter().enumerate() {
+            if w.section.version <= w.expected_version {
+                outcomes[i] = Some(Err(StoreError::Invalid(
+                    "a twin section's version must grow".to_owned(),
+                )));
+            } else if !seen.insert(w.device_id.as_str()) {
+                outcomes[i] = Some(Err(StoreError::Invalid(format!(
+                    "device {} is listed twice in one batch",
+                    w.device_id
+                ))));
+            }
+        }
+        let todo: Vec<usize> = (0..writes.len())
+            .filter(|i| outcomes[*i].is_none())
+            .collect();
         let mut tx = self.begin_write().await?;
         let r = async {
             let conn = tx.conn();
-            let mut outcomes = Vec::with_capacity(writes.len());
-            let mut audits = Vec::new();
-            for w in writes {
-                let outcome = put_desired_item(conn, w, now_ms).await?;
-                if outcome.is_ok() {
-                    audits.push(w.audit.clone());
+            for chunk in todo.chunks(ROWS_PER_STATEMENT) {
+                let written = put_desired_rows(conn, self.backend(), writes, chunk, now_ms).await?;
+                for &i in chunk {
+                    if written.contains(writes[i].device_id.as_str()) {
+                        outcomes[i] = Some(Ok(()));
+                    }
                 }
-                outcomes.push(outcome);
+                // Say why the others were not written (the rare path: one query each).
+                for &i in chunk {
+                    if outcomes[i].is_none() {
+                        outcomes[i] = Some(Err(refusal(conn, &writes[i]).await?));
+                    }
+                }
             }
+            let audits: Vec<NewAuditEntry> = writes
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, Some(Ok(()))))
+                .map(|(w, _)| w.audit.clone())
+                .collect();
             insert_audit(conn, &audits).await?;
-            Ok(outcomes)
+            Ok(())
         }
         .await;
-        tx.finish(r).await
+        tx.finish(r).await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(StoreError::Corrupt("no outcome".to_owned()))))
+            .collect())
     }
 }
 
-/// One write of [`Store::put_desired_batch`]: the outer error aborts the batch (a database
-/// failure), the inner one is this item's refusal.
-async fn put_desired_item(
+/// Writes the rows `indexes` of `writes` with one INSERT (twin rows that do not exist yet)
+/// and, on PostgreSQL, one UPDATE ... FROM (VALUES ...) (on SQLite one UPDATE per row) that
+/// applies only where the version is still the one
+/// read and the device is not retired; returns the devices written.
+async fn put_desired_rows(
     conn: &mut AnyConnection,
-    w: &DesiredWrite,
+    backend: crate::Backend,
+    writes: &[DesiredWrite],
+    indexes: &[usize],
     now_ms: i64,
-) -> Result<Result<(), StoreError>, StoreError> {
-    if w.section.version <= w.expected_version {
-        return Ok(Err(StoreError::Invalid(
-            "a twin section's version must grow".to_owned(),
-        )));
+) -> Result<HashSet<String>, StoreError> {
+    let empty = StoredSection::default();
+    let mut b = SqlBuilder::new(
+        backend,
+        "INSERT INTO twins (device_id, desired, desired_version, desired_meta, \
+         reported, reported_version, reported_meta, updated_ms) \
+         SELECT d.id, ",
+    );
+    b.param()
+        .push(", CAST(")
+        .param()
+        .push(" AS BIGINT), ")
+        .param();
+    b.push(", ")
+        .param()
+        .push(", CAST(")
+        .param()
+        .push(" AS BIGINT), ")
+        .param();
+    b.push(", CAST(")
+        .param()
+        .push(" AS BIGINT) FROM devices d WHERE d.id IN (");
+    for (n, _) in indexes.iter().enumerate() {
+        if n > 0 {
+            b.push(", ");
+        }
+        b.param();
     }
+    b.push(") ON CONFLICT (device_id) DO NOTHING");
+    let mut q = b
+        .query()
+        .bind(empty.doc.clone())
+        .bind(empty.version)
+        .bind(empty.meta.clone())
+        .bind(empty.doc.clone())
+        .bind(empty.version)
+        .bind(empty.meta.clone())
+        .bind(now_ms);
+    for &i in indexes {
+        q = q.bind(writes[i].device_id.as_str());
+    }
+    q.execute(&mut *conn).await?;
+
+    if backend == crate::Backend::Sqlite {
+        // In-process statements cost no round trip, and SQLite's planner would scan the
+        // twins table for an UPDATE ... FROM (VALUES ...): one keyed UPDATE per write.
+        let mut written = HashSet::new();
+        for &i in indexes {
+            let w = &writes[i];
+            let n = sqlx::query(
+                "UPDATE twins SET desired = $1, desired_version = $2, desired_meta = $3, \
+                 updated_ms = $4 WHERE device_id = $5 AND desired_version = $6 \
+                 AND EXISTS (SELECT 1 FROM devices WHERE id = $5 \
+                 AND status NOT IN ('rejected', 'decommissioned'))",
+            )
+            .bind(w.section.doc.as_str())
+            .bind(w.section.version)
+            .bind(w.section.meta.as_str())
+            .bind(now_ms)
+            .bind(w.device_id.as_str())
+            .bind(w.expected_version)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                written.insert(w.device_id.clone());
+            }
+        }
+        return Ok(written);
+    }
+    // VALUES columns are column1.. on both databases.
+    let mut b = SqlBuilder::new(
+        backend,
+        "UPDATE twins SET desired = v.column2, desired_version = v.column3, desired_meta = v.column4, updated_ms = ",
+    );
+    b.param().push(" FROM (VALUES ");
+    for (n, _) in indexes.iter().enumerate() {
+        b.push(if n == 0 { "(" } else { ", (" });
+        b.param().push(", ").param().push(", CAST(").param();
+        b.push(" AS BIGINT), ")
+            .param()
+            .push(", CAST(")
+            .param()
+            .push(" AS BIGINT))");
+    }
+    b.push(
+        ") AS v WHERE twins.device_id = v.column1 AND twins.desired_version = v.column5 \
+         AND twins.device_id IN (SELECT id FROM devices \
+         WHERE status NOT IN ('rejected', 'decommissioned')) RETURNING twins.device_id AS id",
+    );
+    let mut q = b.query().bind(now_ms);
+    for &i in indexes {
+        let w = &writes[i];
+        q = q
+            .bind(w.device_id.as_str())
+            .bind(w.section.doc.as_str())
+            .bind(w.section.version)
+            .bind(w.section.meta.as_str())
+            .bind(w.expected_version);
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    rows.iter().map(|r| get::<String>(r, "id")).collect()
+}
+
+/// Why a write of [`put_desired_rows`] was not applied.
+async fn refusal(conn: &mut AnyConnection, w: &DesiredWrite) -> Result<StoreError, StoreError> {
     let device = sqlx::query("SELECT status FROM devices WHERE id = $1")
         .bind(w.device_id.as_str())
         .fetch_optional(&mut *conn)
         .await?;
     let Some(device) = device else {
-        return Ok(Err(StoreError::not_found("device", &w.device_id)));
+        return Ok(StoreError::not_found("device", &w.device_id));
     };
     let status = rows::get_status(&device, "status")?;
     if matches!(
         status,
         DeviceStatus::Rejected | DeviceStatus::Decommissioned
     ) {
-        return Ok(Err(StoreError::conflict(format!(
+        return Ok(StoreError::conflict(format!(
             "the device is {}; its twin no longer changes",
             status.as_str()
-        ))));
+        )));
     }
-    let empty = StoredSection::default();
-    sqlx::query(
-        "INSERT INTO twins (device_id, desired, desired_version, desired_meta, \
-         reported, reported_version, reported_meta, updated_ms) \
-         VALUES ($1, $2, $3, $4, $2, $3, $4, $5) ON CONFLICT (device_id) DO NOTHING",
-    )
-    .bind(w.device_id.as_str())
-    .bind(empty.doc.as_str())
-    .bind(empty.version)
-    .bind(empty.meta.as_str())
-    .bind(now_ms)
-    .execute(&mut *conn)
-    .await?;
-    // The version condition is the compare-and-swap; PostgreSQL's row lock on UPDATE makes a
-    // concurrent writer wait and then see the new version.
-    let updated = sqlx::query(
-        "UPDATE twins SET desired = $1, desired_version = $2, desired_meta = $3, updated_ms = $4 \
-         WHERE device_id = $5 AND desired_version = $6",
-    )
-    .bind(w.section.doc.as_str())
-    .bind(w.section.version)
-    .bind(w.section.meta.as_str())
-    .bind(now_ms)
-    .bind(w.device_id.as_str())
-    .bind(w.expected_version)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if updated == 0 {
-        return Ok(Err(StoreError::conflict(format!(
-            "the desired twin of {} is no longer at version {}",
-            w.device_id, w.expected_version
-        ))));
-    }
-    Ok(Ok(()))
+    Ok(StoreError::conflict(format!(
+        "the desired twin of {} is no longer at version {}",
+        w.device_id, w.expected_version
+    )))
 }

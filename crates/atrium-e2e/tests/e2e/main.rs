@@ -7,6 +7,7 @@ mod accounts;
 mod dashboard_bench;
 mod demo;
 mod groups;
+mod groups_bench;
 mod harness;
 mod identity;
 mod rooms;

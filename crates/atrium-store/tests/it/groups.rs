@@ -301,6 +301,7 @@ async fn desired_batch_writes_each_item_on_its_own(db: &TestDb) {
                     section: section(0, "{}"),
                     ..write(&written, 1, "{}")
                 },
+                write(&fresh, 0, r#"{"c":3}"#), // listed twice
             ],
             T0 + 30,
         )
@@ -330,6 +331,11 @@ async fn desired_batch_writes_each_item_on_its_own(db: &TestDb) {
         matches!(outcomes[5], Err(StoreError::Invalid(_))),
         "{:?}",
         outcomes[5]
+    );
+    assert!(
+        matches!(outcomes[6], Err(StoreError::Invalid(_))),
+        "{:?}",
+        outcomes[6]
     );
     let after = s
         .audit(&AuditQuery {
