@@ -238,3 +238,68 @@ pub async fn patch_target(
     }
     Ok(())
 }
+
+#[cfg(test)]
+// In tests a panic is the failure report.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+    use crate::{Cli, Command, TwinCmd};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn twin_patch_takes_a_device_or_a_target() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let Ok(Cli {
+            command: Command::Twin(TwinCmd::Patch { args, group, .. }),
+        }) = parse(&["atrium", "twin", "patch", "--group", "floor3", "{}"])
+        else {
+            panic!("a group patch parses");
+        };
+        assert_eq!(
+            (args, group.as_deref()),
+            (vec!["{}".to_owned()], Some("floor3"))
+        );
+        assert!(parse(&["atrium", "twin", "patch", "dev-1", "{}"]).is_ok());
+        assert!(
+            parse(&[
+                "atrium",
+                "twin",
+                "patch",
+                "--group",
+                "g",
+                "--if-version",
+                "3",
+                "{}"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "atrium",
+                "twin",
+                "patch",
+                "--group",
+                "g",
+                "--filter",
+                "id exists",
+                "{}"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_bad_filter_is_shown_with_a_caret() {
+        let e = check_filter("tag:floor=3 and").unwrap_err().to_string();
+        assert!(e.contains("column 16"), "{e}");
+        assert!(e.ends_with(&format!("\n  {}^", " ".repeat(15))), "{e:?}");
+        assert!(check_filter("tag:floor=3").is_ok());
+    }
+}
