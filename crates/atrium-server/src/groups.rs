@@ -93,13 +93,26 @@ pub async fn group_members(ctx: &Ctx, name: &str) -> Result<Vec<Device>, ApiErro
         .device_group(name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no group {name:?}")))?;
-    let devices = ctx.store.all_devices().await?;
+    members_among(ctx, &group, &ctx.store.all_devices().await?).await
+}
+
+/// The members of `group` among `devices` (the whole device list, read once by the caller).
+pub async fn members_among(
+    ctx: &Ctx,
+    group: &atrium_store::DeviceGroup,
+    devices: &[Device],
+) -> Result<Vec<Device>, ApiError> {
+    let name = &group.name;
     match &group.filter {
         Some(text) => {
             // Stored filters were checked when saved; one that no longer parses is a defect.
             let f = filter::parse(text)
                 .map_err(|e| ApiError::Internal(format!("stored filter of group {name:?}: {e}")))?;
-            Ok(apply_filter(devices, &f))
+            Ok(devices
+                .iter()
+                .filter(|d| f.matches(&DeviceAttributes::new(d)))
+                .cloned()
+                .collect())
         }
         None => {
             let ids: HashSet<String> = ctx
@@ -109,8 +122,9 @@ pub async fn group_members(ctx: &Ctx, name: &str) -> Result<Vec<Device>, ApiErro
                 .into_iter()
                 .collect();
             Ok(devices
-                .into_iter()
+                .iter()
                 .filter(|d| ids.contains(&d.id))
+                .cloned()
                 .collect())
         }
     }

@@ -151,8 +151,9 @@ pub async fn list_groups(
 ) -> Result<Json<Vec<GroupView>>, ApiError> {
     caller.require(Role::Viewer)?;
     let mut out = Vec::new();
+    let devices = ctx.store.all_devices().await?;
     for g in ctx.store.device_groups().await? {
-        let members = groups::group_members(&ctx, &g.name).await?;
+        let members = groups::members_among(&ctx, &g, &devices).await?;
         out.push(group_view(&ctx, g, members, false));
     }
     Ok(Json(out))
