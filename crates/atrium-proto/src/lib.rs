@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod enrollment;
+pub mod filter;
 pub mod senml;
 pub mod twin;
 

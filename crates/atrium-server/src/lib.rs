@@ -14,6 +14,7 @@ mod auth;
 pub mod config;
 mod enroll;
 pub mod events;
+pub mod groups;
 mod http;
 mod ingest;
 pub mod integrations;

@@ -51,7 +51,7 @@ pub fn parse_section(stored: &StoredSection) -> Result<Section, ApiError> {
     })
 }
 
-fn stored(section: &Section) -> Result<StoredSection, ApiError> {
+pub(crate) fn stored(section: &Section) -> Result<StoredSection, ApiError> {
     Ok(StoredSection {
         version: i64::try_from(section.version)
             .map_err(|_| ApiError::Internal("twin version overflow".into()))?,

@@ -36,6 +36,7 @@ mod audit;
 mod devices;
 mod enroll;
 mod error;
+mod groups;
 mod integrations;
 mod model;
 mod rooms;
@@ -49,6 +50,7 @@ mod users;
 mod webhooks;
 
 pub use error::StoreError;
+pub use groups::{DesiredTwin, DesiredWrite, DeviceGroup};
 pub use model::{
     ApiToken, AuditEntry, AuditQuery, CertificateRecord, DeniedSerial, Device, DeviceQuery,
     DeviceStatus, DeviceUpdate, DeviceWrite, EnrollmentGroup, EnrollmentKind, EnrollmentWrite,

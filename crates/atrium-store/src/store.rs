@@ -115,6 +115,12 @@ const MIGRATIONS: &[MigrationFile] = &[
         postgres: include_str!("../migrations/postgres/0005_webhooks.sql"),
     },
     MigrationFile {
+        version: 6,
+        description: "groups",
+        sqlite: include_str!("../migrations/sqlite/0006_groups.sql"),
+        postgres: include_str!("../migrations/postgres/0006_groups.sql"),
+    },
+    MigrationFile {
         version: 7,
         description: "integrations",
         sqlite: include_str!("../migrations/sqlite/0007_integrations.sql"),

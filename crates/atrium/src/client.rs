@@ -163,6 +163,38 @@ impl Client {
             .await
     }
 
+    /// PATCH a JSON body.
+    pub async fn patch<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.patch(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    /// DELETE a resource (the answer has no body).
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let reason = response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        Err(ApiError { status, reason }.into())
+    }
+
     /// PUT or PATCH a JSON body; with `if_version`, only while the resource's ETag is that
     /// version (else the server answers 409).
     pub async fn write_if<T: DeserializeOwned>(

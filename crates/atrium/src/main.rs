@@ -14,6 +14,8 @@ use serde::Serialize;
 
 use client::Connection;
 
+mod groups_cmd;
+
 /// Atrium: rooms, ventilation and the gateway fleet, in one server.
 #[derive(Parser)]
 #[command(version, about)]
@@ -52,6 +54,9 @@ enum Command {
     /// Operator accounts of the web dashboard.
     #[command(subcommand)]
     Users(UsersCmd),
+    /// Device groups: static (a member list) or dynamic (a saved filter).
+    #[command(subcommand)]
+    Groups(groups_cmd::DeviceGroupsCmd),
 }
 
 #[derive(Subcommand)]
@@ -75,15 +80,23 @@ enum TwinCmd {
         #[command(flatten)]
         conn: Connection,
     },
-    /// Merge-patches the desired section (RFC 7386: null deletes a key).
+    /// Merge-patches the desired section (RFC 7386: null deletes a key) of one device
+    /// (`patch DEVICE PATCH`), or of every accepted device of a group or filter
+    /// (`patch --group NAME PATCH`, `patch --filter F PATCH`).
     Patch {
-        /// Device id.
-        device: String,
-        /// The patch: JSON text, @FILE, or - for standard input.
-        patch: String,
-        /// Only if the desired section is still at this version (the twin's ETag).
-        #[arg(long)]
+        /// Device id, then the patch; or only the patch with --group or --filter. The patch:
+        /// JSON text, @FILE, or - for standard input.
+        #[arg(required = true, num_args = 1..=2, value_names = ["DEVICE", "PATCH"])]
+        args: Vec<String>,
+        /// Only if the desired section is still at this version (the twin's ETag; one device).
+        #[arg(long, conflicts_with_all = ["group", "filter"])]
         if_version: Option<u64>,
+        /// Every accepted device of this group.
+        #[arg(long, conflicts_with = "filter")]
+        group: Option<String>,
+        /// Every accepted device matching this filter.
+        #[arg(long)]
+        filter: Option<String>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -165,6 +178,10 @@ enum DevicesCmd {
         /// Only this status: pending, accepted, rejected, decommissioned.
         #[arg(long)]
         status: Option<String>,
+        /// Only devices matching this filter, e.g. 'tag:floor=3 and device_type=nuc'
+        /// (README: "Filters, tags and groups").
+        #[arg(long)]
+        filter: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: i64,
@@ -181,6 +198,19 @@ enum DevicesCmd {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Sets operator tags (name=value ...) and removes them (--untag name).
+    Tag {
+        /// Device id.
+        device: String,
+        /// Tags to set, name=value.
+        #[arg(value_parser = key_value)]
+        tags: Vec<(String, String)>,
+        /// Tags to remove, repeatable.
+        #[arg(long)]
+        untag: Vec<String>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -469,6 +499,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Tokens(cmd) => tokens(cmd).await,
         Command::Twin(cmd) => twin(cmd).await,
         Command::Users(cmd) => users(cmd).await,
+        Command::Groups(cmd) => groups_cmd::groups(cmd).await,
         Command::Rooms(RoomsCmd::Eval {
             format,
             train,
@@ -542,6 +573,7 @@ async fn devices(cmd: DevicesCmd) -> anyhow::Result<()> {
     match cmd {
         DevicesCmd::List {
             status,
+            filter,
             limit,
             json,
             conn,
@@ -549,6 +581,10 @@ async fn devices(cmd: DevicesCmd) -> anyhow::Result<()> {
             let mut query = vec![("limit", limit.to_string())];
             if let Some(status) = status {
                 query.push(("status", status));
+            }
+            if let Some(filter) = filter {
+                groups_cmd::check_filter(&filter)?;
+                query.push(("filter", filter));
             }
             let devices: Vec<DeviceView> = conn.client()?.get("/api/v1/devices", &query).await?;
             print(json, &devices, |d| device_table(d))
@@ -581,6 +617,12 @@ async fn devices(cmd: DevicesCmd) -> anyhow::Result<()> {
                 }
             })
         }
+        DevicesCmd::Tag {
+            device,
+            tags,
+            untag,
+            conn,
+        } => groups_cmd::tag(device, tags, untag, conn).await,
         DevicesCmd::Accept(d) => decide(d, "accept").await,
         DevicesCmd::Reject(d) => decide(d, "reject").await,
         DevicesCmd::Decommission(d) => decide(d, "decommission").await,
@@ -821,12 +863,22 @@ async fn twin(cmd: TwinCmd) -> anyhow::Result<()> {
             (twin, device)
         }
         TwinCmd::Patch {
-            device,
-            patch,
+            args,
             if_version,
+            group,
+            filter,
             conn,
         } => {
-            let body = json_argument(&patch)?;
+            let (device, patch) = match (args.as_slice(), group.is_some() || filter.is_some()) {
+                ([patch], true) => {
+                    let body = json_argument(patch)?;
+                    return groups_cmd::patch_target(group, filter, body, conn).await;
+                }
+                ([device, patch], false) => (device.clone(), patch),
+                (_, true) => anyhow::bail!("with --group or --filter, give only the patch"),
+                (_, false) => anyhow::bail!("give the device id and the patch"),
+            };
+            let body = json_argument(patch)?;
             let twin: TwinView = conn
                 .client()?
                 .write_if(

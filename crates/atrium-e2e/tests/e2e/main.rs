@@ -6,6 +6,8 @@
 mod accounts;
 mod dashboard_bench;
 mod demo;
+mod groups;
+mod groups_bench;
 mod harness;
 mod identity;
 mod integrations;

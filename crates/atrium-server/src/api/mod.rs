@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod events;
+pub mod groups;
 pub mod rooms;
 pub mod session;
 pub mod twins;
@@ -21,7 +22,7 @@ use atrium_store::{
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::OpenApi;
@@ -53,7 +54,10 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         session::list_users, session::create_user, session::update_user,
         twins::get_twin, twins::patch_desired, twins::put_desired,
         webhooks::create_webhook, webhooks::list_webhooks, webhooks::delete_webhook,
-        webhooks::list_deliveries, events::event_stream, events::list_integrations
+        webhooks::list_deliveries,
+        groups::patch_tags, groups::create_group, groups::list_groups, groups::show_group,
+        groups::delete_group, groups::add_members, groups::remove_members, groups::patch_target,
+        events::event_stream, events::list_integrations
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -91,6 +95,21 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/api/v1/devices/{id}/twin/desired",
             put(twins::put_desired).patch(twins::patch_desired),
+        )
+        .route("/api/v1/devices/{id}/tags", patch(groups::patch_tags))
+        .route("/api/v1/twins/desired", patch(groups::patch_target))
+        .route(
+            "/api/v1/groups",
+            get(groups::list_groups).post(groups::create_group),
+        )
+        .route(
+            "/api/v1/groups/{name}",
+            get(groups::show_group).delete(groups::delete_group),
+        )
+        .route("/api/v1/groups/{name}/members", post(groups::add_members))
+        .route(
+            "/api/v1/groups/{name}/members/remove",
+            post(groups::remove_members),
         )
         .route("/api/v1/devices/{id}/accept", post(accept_device))
         .route("/api/v1/devices/{id}/reject", post(reject_device))
@@ -259,8 +278,11 @@ pub struct DeviceFilter {
     pub status: Option<String>,
     /// At most this many (default 100, at most 10000).
     pub limit: Option<u32>,
-    /// Skip this many.
+    /// Skip this many (of the matching devices).
     pub offset: Option<u64>,
+    /// Only devices matching this filter, e.g. `tag:floor=3 and device_type=nuc` (see the
+    /// filter language in `atrium_proto::filter`).
+    pub filter: Option<String>,
 }
 
 /// Lists devices.
@@ -282,14 +304,30 @@ async fn list_devices(
             })
         })
         .transpose()?;
-    let devices = ctx
-        .store
-        .list_devices(&DeviceQuery {
-            status,
-            limit: filter.limit.unwrap_or(100).clamp(1, 10_000),
-            offset: filter.offset.unwrap_or(0),
-        })
-        .await?;
+    let limit = filter.limit.unwrap_or(100).clamp(1, 10_000);
+    let offset = filter.offset.unwrap_or(0);
+    let devices = match filter.filter.as_deref() {
+        // Evaluated over the whole device list, then paged.
+        Some(text) => {
+            let f = crate::groups::parse_filter(text)?;
+            let all = ctx.store.all_devices().await?;
+            crate::groups::apply_filter(all, &f)
+                .into_iter()
+                .filter(|d| status.is_none_or(|s| d.status == s))
+                .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                .take(limit as usize)
+                .collect()
+        }
+        None => {
+            ctx.store
+                .list_devices(&DeviceQuery {
+                    status,
+                    limit,
+                    offset,
+                })
+                .await?
+        }
+    };
     Ok(Json(devices.into_iter().map(|d| view(&ctx, d)).collect()))
 }
 

@@ -65,14 +65,19 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 fn operator_object(body: Value) -> Result<serde_json::Map<String, Value>, ApiError> {
     match body {
         Value::Object(map) => {
-            atrium_proto::twin::check(&map).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            twins::refuse_server_keys(&map)?;
+            check_operator_object(&map)?;
             Ok(map)
         }
         _ => Err(ApiError::BadRequest(
             "the body must be a JSON object".into(),
         )),
     }
+}
+
+/// The check of [`operator_object`] on an object already taken apart.
+pub(crate) fn check_operator_object(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    atrium_proto::twin::check(map).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    twins::refuse_server_keys(map)
 }
 
 async fn read(ctx: &Ctx, id: &str) -> Result<(Section, Section), ApiError> {

@@ -379,3 +379,109 @@ pub struct DeliveryView {
     /// Unix ms.
     pub updated_ms: i64,
 }
+
+/// Changes a device's operator tags: each key is set to its value, `null` removes it; tags
+/// not named are left as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TagsPatch {
+    /// Tag name -> new value, or `null` to remove the tag.
+    pub tags: BTreeMap<String, Option<String>>,
+}
+
+/// Creates a device group: static (no filter; members added by id) or dynamic (a filter).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroupRequest {
+    /// 1-64 characters of a-z, A-Z, 0-9, '-', '_', '.'.
+    pub name: String,
+    /// The filter of a dynamic group (see `GET /api/v1/devices?filter=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+}
+
+/// A device group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroupView {
+    /// Name.
+    pub name: String,
+    /// `static` or `dynamic`.
+    pub kind: String,
+    /// The filter of a dynamic group, in canonical form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// When it was created (unix ms).
+    pub created_ms: i64,
+    /// Who created it.
+    pub created_by: String,
+    /// How many devices are members now.
+    pub member_count: usize,
+    /// The members now (only when showing one group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<DeviceView>>,
+}
+
+/// Devices to add to or remove from a static group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroupMembersRequest {
+    /// Device ids.
+    pub devices: Vec<String>,
+}
+
+/// How many devices a membership change touched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroupMembersOutcome {
+    /// Devices added or removed (ones already in, or not in, the group are not counted).
+    pub changed: u64,
+}
+
+/// Which devices a twin patch is for: exactly one of the three.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub struct Target {
+    /// One device id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The members of a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The devices matching a filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+}
+
+/// A merge patch for the desired twins of a target's devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TargetPatchRequest {
+    /// Which devices.
+    pub target: Target,
+    /// RFC 7386 merge patch of each device's desired section.
+    #[schema(value_type = Object)]
+    pub patch: serde_json::Value,
+}
+
+/// A device whose desired twin could not be patched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TargetPatchFailure {
+    /// The device.
+    pub device_id: String,
+    /// Why.
+    pub error: String,
+}
+
+/// What a twin patch to a target did, device by device, in counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TargetPatchOutcome {
+    /// Devices the target named.
+    pub matched: usize,
+    /// Accepted devices whose desired twin changed.
+    pub updated: usize,
+    /// Accepted devices whose desired twin already said so.
+    pub unchanged: usize,
+    /// Rejected or decommissioned devices, skipped (their twins are frozen).
+    pub skipped_retired: usize,
+    /// Pending devices, skipped.
+    pub skipped_pending: usize,
+    /// Devices whose twin could not be written.
+    pub failed: usize,
+    /// The first failures with their reasons.
+    pub failures: Vec<TargetPatchFailure>,
+}

@@ -1,6 +1,6 @@
 // One device: state, identity, inventory, twin, and its audit trail.
 import { api, ApiError, boot, can, h, flash, act, param, fmtAgo, fmtDateTime, timeEl } from './app.js';
-import { statusBadge, linkBadge, actionButtons, pairsText } from './fleet.js';
+import { statusBadge, linkBadge, actionButtons, pairsText, parsePairs } from './fleet.js';
 
 const id = param('id');
 /** Top-level desired keys the server maintains (rooms come from the rooms API). */
@@ -204,6 +204,42 @@ function editor() {
   return h('div', {}, h('h3', {}, 'Edit'), form);
 }
 
+/** Operators set tags (name=value lines) and remove them (names); other tags stay. */
+function tagEditor() {
+  const set = h('textarea', { id: 'tags-set', name: 'set', rows: 2, spellcheck: 'false' });
+  const remove = h('input', { id: 'tags-remove', name: 'remove', type: 'text', spellcheck: 'false' });
+  const save = h('button', { type: 'submit' }, 'Save tags');
+  const form = h('form', { class: 'stack', id: 'tags-form' },
+    h('div', {}, h('label', { for: 'tags-set' }, 'Set tags ', h('span', { class: 'hint' }, 'name=value, one per line')), set),
+    h('div', {}, h('label', { for: 'tags-remove' }, 'Remove tags ', h('span', { class: 'hint' }, 'names, separated by spaces')), remove),
+    h('div', { class: 'actions' }, save));
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    let tags;
+    try {
+      tags = parsePairs(set.value, 'Tags');
+    } catch (err) {
+      flash(err.message, 'error');
+      set.focus();
+      return;
+    }
+    for (const name of remove.value.split(/\s+/).filter(Boolean)) tags[name] = null;
+    if (Object.keys(tags).length === 0) {
+      flash('Name tags to set or to remove.', 'error');
+      set.focus();
+      return;
+    }
+    const updated = await act(save, () => api(`/devices/${encodeURIComponent(id)}/tags`, { method: 'PATCH', body: { tags } }), 'Tags saved.');
+    if (updated) {
+      set.value = '';
+      remove.value = '';
+      draw(updated);
+      drawAudit().catch((err) => flash(err.message, 'error'));
+    }
+  });
+  return h('details', {}, h('summary', {}, 'Edit tags'), form);
+}
+
 async function main() {
   await boot({ page: 'devices' });
   if (!id) {
@@ -212,6 +248,7 @@ async function main() {
   }
   const device = await api(`/devices/${encodeURIComponent(id)}`);
   draw(device);
+  if (can('operator')) document.getElementById('tag-edit').replaceChildren(tagEditor());
   const twins = await twinsAvailable();
   if (!twins) {
     document.getElementById('twin').replaceChildren(h('p', { id: 'twin-unavailable' }, 'Twin: not available in this version of the server.'));

@@ -30,6 +30,7 @@ macro_rules! backend_suite {
 }
 
 mod conformance;
+mod groups;
 mod lifecycle_model;
 mod rooms;
 mod sqlite_only;
