@@ -9,6 +9,7 @@ mod demo;
 mod harness;
 mod identity;
 mod rooms;
+mod sim;
 mod twins;
 mod web;
 mod webhooks;
