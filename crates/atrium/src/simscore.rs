@@ -81,12 +81,14 @@ struct RoomKind {
     capacity: u32,
     air_changes_per_hour: f64,
     busyness: f64,
-    /// Lux the lamps add while people are in (0: nobody switches lamps, daylight only).
+    /// Lux the lamps add while people are in.
     lamp_lux: f64,
+    /// A bright room: lamps go on only when daylight is below this, lux.
+    lamps_below_lux: Option<f64>,
 }
 
 /// From a two-seat focus room to a board room; ventilation from stuffy to mechanical; two
-/// kinds where nobody switches lamps on (occupancy from motion and CO2 alone).
+/// bright kinds whose lamps stay off by day (occupancy from motion and CO2 alone then).
 const KINDS: [RoomKind; 6] = [
     RoomKind {
         name: "Focus",
@@ -94,7 +96,8 @@ const KINDS: [RoomKind; 6] = [
         capacity: 2,
         air_changes_per_hour: 0.8,
         busyness: 0.4,
-        lamp_lux: 0.0,
+        lamp_lux: 400.0,
+        lamps_below_lux: Some(250.0),
     },
     RoomKind {
         name: "Huddle",
@@ -103,6 +106,7 @@ const KINDS: [RoomKind; 6] = [
         air_changes_per_hour: 1.2,
         busyness: 0.5,
         lamp_lux: 400.0,
+        lamps_below_lux: None,
     },
     RoomKind {
         name: "Meeting",
@@ -111,6 +115,7 @@ const KINDS: [RoomKind; 6] = [
         air_changes_per_hour: 0.8,
         busyness: 0.5,
         lamp_lux: 400.0,
+        lamps_below_lux: None,
     },
     RoomKind {
         name: "Board",
@@ -119,6 +124,7 @@ const KINDS: [RoomKind; 6] = [
         air_changes_per_hour: 1.5,
         busyness: 0.4,
         lamp_lux: 500.0,
+        lamps_below_lux: None,
     },
     RoomKind {
         name: "Workshop",
@@ -126,7 +132,8 @@ const KINDS: [RoomKind; 6] = [
         capacity: 10,
         air_changes_per_hour: 2.5,
         busyness: 0.6,
-        lamp_lux: 0.0,
+        lamp_lux: 400.0,
+        lamps_below_lux: Some(250.0),
     },
     RoomKind {
         name: "Office",
@@ -135,6 +142,7 @@ const KINDS: [RoomKind; 6] = [
         air_changes_per_hour: 0.6,
         busyness: 0.5,
         lamp_lux: 300.0,
+        lamps_below_lux: None,
     },
 ];
 
@@ -195,8 +203,13 @@ pub fn rooms(opts: &ScoreOptions) -> Vec<SimRoom> {
                     volume_m3: kind.volume_m3,
                     air_changes_per_hour: kind.air_changes_per_hour,
                     lamp_lux: kind.lamp_lux,
-                    // Daylight-only rooms are bright ones.
-                    daylight_lux: if kind.lamp_lux > 0.0 { 150.0 } else { 500.0 },
+                    lamps_below_lux: kind.lamps_below_lux,
+                    // Rooms whose lamps stay off by day are bright ones.
+                    daylight_lux: if kind.lamps_below_lux.is_some() {
+                        600.0
+                    } else {
+                        150.0
+                    },
                     schedule,
                     ..SimConfig::default()
                 },
