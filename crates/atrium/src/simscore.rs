@@ -306,6 +306,13 @@ pub struct Score {
     pub false_departures: usize,
     /// MQTT messages the nodes published.
     pub messages: u64,
+    /// Readings the gateway's filter kept (with the few probe readings that start and end a run).
+    pub filter_kept: u64,
+    /// Readings the gateway's filter refused, by reason.
+    pub filter_refused: BTreeMap<String, u64>,
+    /// Readings the room engines refused (out of order, duplicate, ...): 0 when the path
+    /// keeps each room's readings in time order.
+    pub engine_rejected: u64,
     /// State messages received.
     pub states: usize,
     /// Events received.
@@ -369,6 +376,17 @@ impl Score {
             format!("sim_days: {}", self.days),
             format!("sim_meetings: {}", self.meetings.len()),
             format!("sim_messages: {}", self.messages),
+            format!("gateway_readings_kept: {}", self.filter_kept),
+            format!(
+                "gateway_readings_filtered: {} ({})",
+                self.filter_refused.values().sum::<u64>(),
+                self.filter_refused
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!("engine_rejected_readings: {}", self.engine_rejected),
             format!("pir_hold_s: {:.0} s", self.hold_s),
             format!("arrivals_scored: {}", arrivals.len()),
             format!("arrivals_missed: {}", missed(&arrivals)),
@@ -871,11 +889,15 @@ async fn drive(
     display.task.abort();
 
     let hold_s = RoomConfig::default().pir_hold_s;
+    let status = intake.borrow().clone();
     let mut score = Score {
         rooms: rooms.len(),
         days: opts.days,
         hold_s,
         messages: published.load(Ordering::Relaxed),
+        filter_kept: status.filter.kept,
+        filter_refused: status.filter.refused.clone(),
+        engine_rejected: status.rooms.rejected.values().sum(),
         ..Score::default()
     };
     for (r, truth) in rooms.iter().zip(&truths) {
