@@ -629,9 +629,34 @@ pub async fn run(opts: &ScoreOptions) -> anyhow::Result<Score> {
     let result = drive(opts, &host, port, &gateway, &rooms, intake, &shutdown).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), agent_task).await;
+    forget_session(&host, port, &format!("{gateway}-agent")).await;
     let mut score = result?;
     score.wall_s = started.elapsed().as_secs_f64();
     Ok(score)
+}
+
+/// Ends the persistent session the gateway left on the broker (a clean-session connect with
+/// its client id), so runs do not pile up sessions there.
+async fn forget_session(host: &str, port: u16, client_id: &str) {
+    let mut options = MqttOptions::new(client_id, host, port);
+    options
+        .set_clean_session(true)
+        .set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 4);
+    let connected = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    if matches!(connected, Ok(true)) {
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+    }
 }
 
 /// A display: subscribes to the gateway's room topics and hands every message over.
