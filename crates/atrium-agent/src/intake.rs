@@ -313,9 +313,8 @@ impl Worker {
                 if let Some(appended) = appended {
                     let _ = self.appended.send(appended);
                 }
-                for update in self.pipeline.to_rooms(&readings) {
-                    self.publish(&update);
-                }
+                let updates = self.pipeline.to_rooms(&readings);
+                self.publish_batch(updates);
             }
             Err(e) => {
                 tracing::error!(error = %e, readings = readings.len(), "cannot spool readings; sensors will resend");
@@ -335,6 +334,30 @@ impl Worker {
         for event in &update.events {
             if let Ok(json) = serde_json::to_vec(event) {
                 (self.publisher)(&events_topic(gateway, &update.room), json, false);
+            }
+        }
+    }
+
+    /// Publishes a batch's room updates: every event, in order, and each room's latest state
+    /// once (a display only shows the latest; one state per reading would flood the broker
+    /// when a backlog is worked off).
+    fn publish_batch(&self, updates: Vec<RoomUpdate>) {
+        let gateway = &self.pipeline.gateway;
+        let mut latest: Vec<(String, crate::rooms::PublishedState)> = Vec::new();
+        for update in updates {
+            for event in &update.events {
+                if let Ok(json) = serde_json::to_vec(event) {
+                    (self.publisher)(&events_topic(gateway, &update.room), json, false);
+                }
+            }
+            match latest.iter_mut().find(|(room, _)| *room == update.room) {
+                Some(slot) => slot.1 = update.state,
+                None => latest.push((update.room, update.state)),
+            }
+        }
+        for (room, state) in latest {
+            if let Ok(json) = serde_json::to_vec(&state) {
+                (self.publisher)(&state_topic(gateway, &room), json, true);
             }
         }
     }
@@ -380,13 +403,34 @@ pub fn client(settings: &ClientSettings) -> (rumqttc::AsyncClient, rumqttc::Even
     if let Some((user, password)) = &settings.credentials {
         options.set_credentials(user.clone(), password.clone());
     }
-    let (client, eventloop) = rumqttc::AsyncClient::new(options, 64);
+    // Room of the client's request queue: a worked-off backlog means one PUBACK per message
+    // of a batch plus the batch's room states and events.
+    let (client, eventloop) = rumqttc::AsyncClient::new(options, 4 * MAX_DRAIN);
     let publish_client = client.clone();
     let publisher: Publisher = Arc::new(move |topic, payload, retain| {
-        if let Err(e) =
-            publish_client.try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
-        {
-            tracing::debug!(%topic, error = %e, "room publish dropped");
+        match publish_client.try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload) {
+            Ok(()) => {}
+            // Still full: wait for room rather than lose a room event or state.
+            Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(publish))) => {
+                let client = publish_client.clone();
+                tokio::spawn(async move {
+                    let sent = client.publish(
+                        publish.topic,
+                        rumqttc::QoS::AtLeastOnce,
+                        publish.retain,
+                        publish.payload,
+                    );
+                    // Bounded: with the broker gone for good the message is dropped.
+                    match tokio::time::timeout(Duration::from_secs(30), sent).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "room publish dropped"),
+                        Err(_) => tracing::debug!(
+                            "room publish dropped: the broker is not taking messages"
+                        ),
+                    }
+                });
+            }
+            Err(e) => tracing::debug!(%topic, error = %e, "room publish dropped"),
         }
     });
     (client, eventloop, publisher)

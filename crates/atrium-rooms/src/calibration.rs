@@ -112,7 +112,10 @@ impl Calibration {
     pub fn physical_prior() -> Self {
         Self {
             light_threshold_lux: [Some(PRIOR_LIGHT_LUX); MAX_CHANNELS],
-            light_llr: [-2.0, -1.5, -0.3, 0.5, 1.0, 1.5, 1.5],
+            // A dark room is hardly ever occupied; a bright one may just be lit by daylight,
+            // so brightness alone is weak evidence (switching lamps on and off is strong, and
+            // is counted as an edge by the engine). Calibration learns a room's own.
+            light_llr: [-2.0, -1.2, -0.3, 0.2, 0.3, 0.4, 0.4],
             // Motion is near-proof of presence; its absence only slowly argues for "free"
             // because seated people do not trigger a PIR.
             pir_llr: [5.0, 1.0, -0.3, -1.8, -1.5, -1.5],

@@ -91,6 +91,9 @@ pub struct SimConfig {
     pub lamp_lux: f64,
     /// Peak daylight at the sensor at noon, lux.
     pub daylight_lux: f64,
+    /// People switch the lamps on only while daylight at the sensor is below this many lux
+    /// (a bright room); `None`: whenever they are in.
+    pub lamps_below_lux: Option<f64>,
     /// Who is in the room when.
     pub schedule: Vec<Meeting>,
     /// The schedule starts over every this many hours (e.g. 24: the same day every day);
@@ -133,6 +136,7 @@ impl Default for SimConfig {
             pir_detect_prob: 0.15,
             lamp_lux: 400.0,
             daylight_lux: 150.0,
+            lamps_below_lux: None,
             schedule: vec![
                 Meeting {
                     start_h: 8.0,
@@ -336,7 +340,12 @@ impl RoomSim {
             * (std::f64::consts::PI * (day_frac - 0.25) / 0.5)
                 .sin()
                 .max(0.0);
-        let lamps = if people > 0 { cfg.lamp_lux } else { 0.0 };
+        let dark = cfg.lamps_below_lux.is_none_or(|below| daylight < below);
+        let lamps = if people > 0 && dark {
+            cfg.lamp_lux
+        } else {
+            0.0
+        };
         let lux = (daylight + lamps + 3.0 * rng.normal()).max(0.0);
         readings.push(Reading::new(t_read, SensorKind::Light, lux.round()));
         let temp_c = BASE_TEMPERATURE_C + WARMING_PER_PERSON_C * f64::from(people);
@@ -746,6 +755,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bright_rooms_switch_lamps_on_only_in_the_dark() {
+        let cfg = SimConfig {
+            daylight_lux: 600.0,
+            lamps_below_lux: Some(250.0),
+            schedule: vec![Meeting {
+                start_h: 0.0,
+                end_h: 24.0,
+                people: 2,
+            }],
+            ..SimConfig::default()
+        };
+        let lux_at = |h: f64| {
+            cfg.run()
+                .iter()
+                .find(|s| s.time_ms >= cfg.start_ms + (h * 3_600_000.0) as i64)
+                .and_then(|s| s.readings.iter().find(|r| r.sensor == SensorKind::Light))
+                .map_or(f64::NAN, |r| r.value)
+        };
+        // Noon: daylight only (600 lux), no lamps on top.
+        assert!((lux_at(12.0) - 600.0).abs() < 20.0, "{}", lux_at(12.0));
+        // Night: the lamps.
+        assert!((lux_at(2.0) - 400.0).abs() < 20.0, "{}", lux_at(2.0));
+        // Dusk, daylight under 250 lux: daylight plus lamps.
+        assert!(lux_at(17.0) > 450.0, "{}", lux_at(17.0));
     }
 
     #[test]

@@ -390,6 +390,84 @@ enum RoomsCmd {
         #[arg(long)]
         test: PathBuf,
     },
+    /// Runs simulated rooms through an MQTT broker and a real gateway agent and compares the
+    /// room states and events a display receives with the simulator's ground truth.
+    Simulate {
+        /// Print only the summary (`name: value unit` lines), not every meeting.
+        #[arg(long)]
+        score: bool,
+        /// The MQTT broker the nodes publish to and the gateway subscribes to, host:port.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: String,
+        /// Simulated rooms.
+        #[arg(long, default_value_t = 6)]
+        rooms: usize,
+        /// Simulated days per room.
+        #[arg(long, default_value_t = 3)]
+        days: u32,
+        /// Seed of the day plans and sensors.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Simulated seconds per wall-clock second; 0: as fast as the gateway takes readings.
+        #[arg(long, default_value_t = 0.0)]
+        speed: f64,
+    },
+}
+
+async fn simulate(
+    summary_only: bool,
+    broker: String,
+    rooms: usize,
+    days: u32,
+    seed: u64,
+    speed: f64,
+) -> anyhow::Result<()> {
+    // The simulated gateway has no server: its enrollment attempts are not worth a line.
+    if std::env::var_os("ATRIUM_LOG").is_none() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "warn,atrium_agent::enroll=off,atrium_agent=error",
+            ))
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        init_logging("text");
+    }
+    let opts = atrium::simscore::ScoreOptions {
+        broker,
+        rooms,
+        days,
+        seed,
+        speed,
+    };
+    let score = atrium::simscore::run(&opts).await?;
+    if !summary_only {
+        let secs = |v: Option<f64>| match v {
+            None => "-".to_owned(),
+            Some(s) if s.is_infinite() => "missed".to_owned(),
+            Some(s) => format!("{s:.0} s"),
+        };
+        println!(
+            "{:<8}  {:<20}  {:>6}  {:>7}  {:>9}  {:>9}",
+            "ROOM", "MEETING", "MIN", "PEOPLE", "ARRIVAL", "DEPARTURE"
+        );
+        for m in &score.meetings {
+            println!(
+                "{:<8}  {:<20}  {:>6.0}  {:>7}  {:>9}  {:>9}",
+                m.room,
+                when(Some(m.start_ms)),
+                (m.end_ms - m.start_ms) as f64 / 60_000.0,
+                m.people,
+                secs(m.arrival_s),
+                secs(m.departure_s)
+            );
+        }
+        println!();
+    }
+    for line in score.lines() {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -500,6 +578,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Twin(cmd) => twin(cmd).await,
         Command::Users(cmd) => users(cmd).await,
         Command::Groups(cmd) => groups_cmd::groups(cmd).await,
+        Command::Rooms(RoomsCmd::Simulate {
+            score,
+            broker,
+            rooms,
+            days,
+            seed,
+            speed,
+        }) => simulate(score, broker, rooms, days, seed, speed).await,
         Command::Rooms(RoomsCmd::Eval {
             format,
             train,

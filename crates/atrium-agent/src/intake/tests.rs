@@ -431,3 +431,59 @@ async fn throughput_mqtt_to_spool() {
     assert_eq!(status.spooled, 4 * n as u64);
     started.stop.cancel();
 }
+
+/// Room states and events published faster than the MQTT client's request queue drains (a
+/// backlog worked off after a reconnect) all reach the broker: none is dropped.
+#[tokio::test(flavor = "current_thread")]
+async fn room_publishes_beyond_the_client_queue_all_arrive() {
+    mosquitto_or_fail();
+    let unique = format!("burst-{}-{}", std::process::id(), crate::now_ms());
+    let topic = format!("atrium/{unique}/rooms/r1/events");
+    // A display, subscribed first.
+    let mut options = MqttOptions::new(format!("{unique}-display"), "127.0.0.1", 1883);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (display, mut display_events) = AsyncClient::new(options, 10);
+    display
+        .subscribe(&topic, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), display_events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("display subscription: {other:?}"),
+        }
+    }
+    let (_client, mut eventloop, publisher) = client(&ClientSettings {
+        host: "127.0.0.1".into(),
+        port: 1883,
+        client_id: format!("{unique}-agent"),
+        credentials: None,
+        filter: format!("atrium/{unique}/nodes/+/senml"),
+    });
+    let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // More than the request queue holds, without yielding in between.
+    let total = 4 * MAX_DRAIN + 300;
+    for i in 0..total {
+        publisher(&topic, format!("{{\"n\":{i}}}").into_bytes(), false);
+    }
+    let mut seen = vec![false; total];
+    let mut count = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count < total {
+        match tokio::time::timeout_at(deadline, display_events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).expect("JSON");
+                let n = v["n"].as_u64().expect("number") as usize;
+                if !seen[n] {
+                    seen[n] = true;
+                    count += 1;
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("display: {e}"),
+            Err(_) => panic!("{count} of {total} room publishes arrived"),
+        }
+    }
+    driver.abort();
+}

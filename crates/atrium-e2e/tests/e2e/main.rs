@@ -12,6 +12,7 @@ mod harness;
 mod identity;
 mod integrations;
 mod rooms;
+mod sim;
 mod twins;
 mod web;
 mod webhooks;
