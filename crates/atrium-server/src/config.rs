@@ -52,6 +52,12 @@ pub struct ServerConfig {
     pub retention_readings_days: u32,
     /// Room history minutes and events older than this many days are deleted.
     pub retention_history_days: u32,
+    /// Record what operators type in terminal sessions too (off: input holds passwords).
+    pub terminal_record_input: bool,
+    /// Most terminal sessions open on one device at a time.
+    pub terminal_max_per_device: u32,
+    /// Most terminal sessions one operator may open per minute.
+    pub terminal_opens_per_minute: u32,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +81,9 @@ impl Default for ServerConfig {
             telemetry_max_future_ms: 5 * 60_000,
             retention_readings_days: 30,
             retention_history_days: 730,
+            terminal_record_input: false,
+            terminal_max_per_device: 4,
+            terminal_opens_per_minute: 10,
         }
     }
 }

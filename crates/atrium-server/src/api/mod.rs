@@ -52,7 +52,9 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         session::list_users, session::create_user, session::update_user,
         twins::get_twin, twins::patch_desired, twins::put_desired,
         webhooks::create_webhook, webhooks::list_webhooks, webhooks::delete_webhook,
-        webhooks::list_deliveries
+        webhooks::list_deliveries,
+        crate::terminal::open_terminal, crate::terminal::list_sessions,
+        crate::terminal::get_recording, crate::terminal::terminate_session
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -170,6 +172,22 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/api/v1/webhooks/{id}/deliveries",
             get(webhooks::list_deliveries),
+        )
+        .route(
+            "/api/v1/devices/{id}/terminal",
+            get(crate::terminal::open_terminal),
+        )
+        .route(
+            "/api/v1/terminal-sessions",
+            get(crate::terminal::list_sessions),
+        )
+        .route(
+            "/api/v1/terminal-sessions/{id}/recording",
+            get(crate::terminal::get_recording),
+        )
+        .route(
+            "/api/v1/terminal-sessions/{id}/terminate",
+            post(crate::terminal::terminate_session),
         )
         .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
