@@ -584,7 +584,6 @@ async fn run(
             _ = tokio::time::sleep_until(drain_at), if drain_until.is_some() => {}
         }
     };
-    drop((reader, writer));
     hang_up(&mut child, pid).await;
     drop(pty);
     let message = match outcome {

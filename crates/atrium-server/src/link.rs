@@ -361,7 +361,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             message @ (Message::StreamOpen(_)
             | Message::StreamData(_)
             | Message::StreamWindow(_)
-            | Message::StreamClose(_)) => match self.streams.from_device(message) {
+            | Message::StreamClose(_)) => match self.streams.device_message(message) {
                 Some(reply) => self.send(reply).await,
                 None => Ok(()),
             },

@@ -101,14 +101,17 @@ struct Open {
     device_may_send: u64,
 }
 
+/// The inbox of a link's streams: the sender handed to operator tasks, and the receiver.
+type Inbox = (
+    mpsc::Sender<(u32, ToDevice)>,
+    mpsc::Receiver<(u32, ToDevice)>,
+);
+
 /// The stream state of one link.
 #[derive(Default)]
 pub struct LinkStreams {
     streams: HashMap<u32, Open>,
-    inbox: Option<(
-        mpsc::Sender<(u32, ToDevice)>,
-        mpsc::Receiver<(u32, ToDevice)>,
-    )>,
+    inbox: Option<Inbox>,
     next_id: u32,
 }
 
@@ -202,7 +205,7 @@ impl LinkStreams {
     }
 
     /// Handles a stream message from the device; returns a message for the device, if any.
-    pub fn from_device(&mut self, message: Message) -> Option<Message> {
+    pub fn device_message(&mut self, message: Message) -> Option<Message> {
         match message {
             Message::StreamData(StreamData { stream, data }) => {
                 let open = self.streams.get_mut(&stream)?;
@@ -341,7 +344,7 @@ mod tests {
         };
         let s = open.stream;
         assert_eq!(
-            streams.from_device(Message::StreamWindow(StreamWindow {
+            streams.device_message(Message::StreamWindow(StreamWindow {
                 stream: s,
                 credit: 4
             })),
@@ -359,10 +362,10 @@ mod tests {
                 data: vec![0; n],
             })
         };
-        assert_eq!(streams.from_device(data(10)), None);
+        assert_eq!(streams.device_message(data(10)), None);
         assert_eq!(events.recv().await, Some(FromDevice::Data(vec![0; 10])));
         assert!(matches!(
-            streams.from_device(data(1)),
+            streams.device_message(data(1)),
             Some(Message::StreamClose(_))
         ));
         assert!(matches!(
@@ -385,7 +388,7 @@ mod tests {
                 data: vec![7; n],
             })
         };
-        assert_eq!(streams.from_device(data(4)), None);
+        assert_eq!(streams.device_message(data(4)), None);
         assert_eq!(
             streams.command(s, ToDevice::Credit(4)),
             Some(Message::StreamWindow(StreamWindow {
@@ -393,7 +396,7 @@ mod tests {
                 credit: 4
             }))
         );
-        assert_eq!(streams.from_device(data(4)), None);
+        assert_eq!(streams.device_message(data(4)), None);
         streams.close_all("heartbeat missed");
         assert_eq!(events.recv().await, Some(FromDevice::Data(vec![7; 4])));
         assert_eq!(events.recv().await, Some(FromDevice::Data(vec![7; 4])));
@@ -404,6 +407,6 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         // Unknown streams are ignored, not errors.
-        assert_eq!(streams.from_device(data(1)), None);
+        assert_eq!(streams.device_message(data(1)), None);
     }
 }

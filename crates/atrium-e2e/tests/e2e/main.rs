@@ -9,6 +9,7 @@ mod demo;
 mod harness;
 mod identity;
 mod rooms;
+mod terminal;
 mod twins;
 mod web;
 mod webhooks;
