@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use atrium_proto::{Message, StreamClose, StreamData, StreamOpen, StreamWindow};
+use futures_util::FutureExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
@@ -515,7 +516,14 @@ async fn run(
                             Err(e) => break Err(format!("waiting for the shell: {e}")),
                         }
                     }
-                    Ok(n) => {
+                    Ok(mut n) => {
+                        // Take what else is ready now, so bulk output goes in few large frames.
+                        while n < want {
+                            match reader.read(&mut buf[n..want]).now_or_never() {
+                                Some(Ok(more)) if more > 0 => n += more,
+                                _ => break,
+                            }
+                        }
                         credit -= n as u64;
                         last_activity = tokio::time::Instant::now();
                         let data = buf[..n].to_vec();

@@ -18,7 +18,9 @@ use atrium_proto::{Message, StreamClose, StreamData, StreamOpen, StreamResize, S
 use tokio::sync::{mpsc, oneshot};
 
 /// Events queued from the link to one operator task before the stream is closed as stalled.
-pub const EVENT_QUEUE: usize = 512;
+/// The window bounds the bytes; this bounds the messages (a full window in frames of 32 bytes
+/// on average), so a device that trickles tiny frames costs under a megabyte per stream.
+pub const EVENT_QUEUE: usize = 8192;
 /// Commands queued from operator tasks to one link.
 const INBOX: usize = 16;
 
@@ -80,7 +82,8 @@ pub struct StreamHandle {
 }
 
 impl StreamHandle {
-    /// Sends a command to the link; false when the link is gone.
+    /// Sends a command to the link; false when the link has ended the stream (its events
+    /// channel then closes after the queued events).
     pub async fn send(&self, command: ToDevice) -> bool {
         self.inbox.send((self.stream, command)).await.is_ok()
     }

@@ -386,10 +386,9 @@ impl Session {
                 if n > 0 {
                     let chunk = input.split_to(n);
                     self.credit -= n as u64;
-                    if !self.handle.send(ToDevice::Data(chunk.to_vec())).await {
-                        end = Some(device_gone());
-                        break;
-                    }
+                    // A refused command means the link has ended the stream; the events
+                    // still queued (output, then the close) say how, so they decide the end.
+                    let _ = self.handle.send(ToDevice::Data(chunk.to_vec())).await;
                 }
                 if !input.is_empty() {
                     pending = Some(input);
@@ -402,8 +401,8 @@ impl Session {
                         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
                         if sink.send(WsMessage::Binary(data.into())).await.is_err() {
                             end = Some(End { exit_code: None, reason: Some("the operator left".into()), device_closed: false, operator_there: false });
-                        } else if !self.handle.send(ToDevice::Credit(len)).await {
-                            end = Some(device_gone());
+                        } else {
+                            let _ = self.handle.send(ToDevice::Credit(len)).await;
                         }
                     }
                     Some(FromDevice::Credit(more)) => self.credit = self.credit.saturating_add(u64::from(more)),
@@ -424,9 +423,7 @@ impl Session {
                             && (1..=1000).contains(&cols) && (1..=1000).contains(&rows)
                         {
                             self.recorder.resize(cols, rows).await;
-                            if !self.handle.send(ToDevice::Resize { cols, rows }).await {
-                                end = Some(device_gone());
-                            }
+                            let _ = self.handle.send(ToDevice::Resize { cols, rows }).await;
                         }
                     }
                     Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
@@ -448,15 +445,17 @@ impl Session {
             let reason = end.reason.clone().unwrap_or_else(|| "closed".into());
             let _ = self.handle.send(ToDevice::Close(reason)).await;
         }
-        if end.operator_there {
-            let exit = TerminalControl::Exit {
-                code: end.exit_code,
-                reason: end.reason.clone(),
-            };
+        // Recorded and audited before the operator hears of the end.
+        let operator_there = end.operator_there;
+        let exit = TerminalControl::Exit {
+            code: end.exit_code,
+            reason: end.reason.clone(),
+        };
+        self.finish(end).await;
+        if operator_there {
             let _ = send_control(&mut sink, &exit).await;
             let _ = sink.send(WsMessage::Close(None)).await;
         }
-        self.finish(end).await;
     }
 
     async fn finish(mut self, end: End) {

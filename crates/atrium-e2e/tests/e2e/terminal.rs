@@ -292,15 +292,25 @@ async fn terminal_runs_commands_and_records_them(backend: Backend) {
     let mut client = TerminalClient::open(&target(&server, &operator, &id))
         .await
         .expect("second terminal");
+    // The producer runs under a marked shell so this scenario can find its own process.
+    let producer = marker(&id, 3);
+    let script = "head -c 20000000 /dev/zero";
     client
-        .send(b"head -c 20000000 /dev/zero | base64; echo end-$((2*4))\n")
+        .send(format!("sh -c '{script}' {producer} | base64; echo end-$((2*4))\n").as_bytes())
         .await
         .expect("send");
+    wait_processes(&["sh", "-c", script, &producer], true).await;
     let before = rss_kib();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Flow control reaches the producer: with nobody reading, it is held back (unbounded
+    // buffering anywhere on the way would have let it finish in well under a second).
+    assert!(
+        !processes(&["sh", "-c", script, &producer]).is_empty(),
+        "the producer finished although the operator read nothing"
+    );
     let stalled_growth = rss_kib().saturating_sub(before);
     assert!(
-        stalled_growth < 32 * 1024,
+        stalled_growth < 64 * 1024,
         "memory grew by {stalled_growth} KiB while the operator did not read"
     );
     let mut a_count = 0u64;
@@ -327,9 +337,28 @@ async fn terminal_runs_commands_and_records_them(backend: Backend) {
     }
     // base64 of 20,000,000 zero bytes: 26,666,667 'A's and one '='.
     assert_eq!(a_count, 26_666_667);
-    client.send(b"exit\n").await.expect("send");
-    let (code, _) = Screen::new().exit(&mut client).await;
-    assert_eq!(code, Some(0));
+    // Output written just before the shell exits still arrives, all of it, before the exit.
+    client
+        .send(b"head -c 3000000 /dev/zero | base64; exit 5\n")
+        .await
+        .expect("send");
+    let mut a_count = 0u64;
+    let code = loop {
+        match tokio::time::timeout_at(deadline, client.next_event())
+            .await
+            .expect("output in time")
+            .expect("event")
+        {
+            TerminalEvent::Output(bytes) => {
+                a_count += bytes.iter().filter(|b| **b == b'A').count() as u64;
+            }
+            TerminalEvent::Exit { code, reason } => {
+                assert_eq!(reason, None);
+                break code;
+            }
+        }
+    };
+    assert_eq!((a_count, code), (4_000_000, Some(5)));
 
     // Both sessions are in the audit log, the close with its exit code.
     let actions = server.audit_actions(&id).await;
