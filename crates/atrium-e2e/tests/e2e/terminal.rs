@@ -114,6 +114,15 @@ impl Screen {
     }
 }
 
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -516,6 +525,45 @@ async fn terminal_sessions_end_from_either_side(backend: Backend) {
         .expect("second refused");
     assert!(format!("{err:#}").contains("at most 1"), "{err:#}");
     first.close().await;
+
+    // The idle limit hangs a quiet terminal up.
+    let (_idle, idle_id) = gateway(&server, "TERM-5", |t| t.idle_timeout_s = 1).await;
+    let mut client = TerminalClient::open(&target(&server, &operator, &idle_id))
+        .await
+        .expect("open");
+    let (code, reason) = Screen::new().exit(&mut client).await;
+    assert_eq!(code, None);
+    assert!(
+        reason.as_deref().is_some_and(|r| r.contains("idle")),
+        "{reason:?}"
+    );
+
+    // The shell runs as the configured user and with the configured environment.
+    let (_user, user_id) = gateway(&server, "TERM-6", |t| {
+        t.user = "nobody".into();
+        t.env.insert("ATRIUM_GREETING".into(), "hi-there".into());
+    })
+    .await;
+    let opened = TerminalClient::open(&target(&server, &operator, &user_id)).await;
+    if is_root() {
+        let mut client = opened.expect("root agent switches to nobody");
+        let mut screen = Screen::new();
+        client
+            .send(b"echo user-$(id -u)-$ATRIUM_GREETING-$HOME\n")
+            .await
+            .expect("send");
+        screen
+            .until(
+                &mut client,
+                "user-65534-hi-there-/nonexistent",
+                Duration::from_secs(10),
+            )
+            .await;
+        client.close().await;
+    } else {
+        let err = opened.err().expect("a non-root agent cannot switch user");
+        assert!(format!("{err:#}").contains("cannot switch user"), "{err:#}");
+    }
 
     let actions = server.audit_actions(&id).await;
     assert!(
