@@ -322,7 +322,7 @@ pub async fn open_terminal(
     guard.0 = None;
     let session = Session {
         ctx: ctx.clone(),
-        slot,
+        _slot: slot,
         cancel,
         handle,
         events,
@@ -330,6 +330,7 @@ pub async fn open_terminal(
         recorder,
         view,
         started: Instant::now(),
+        finished: false,
     };
     Ok(ws
         .max_message_size(MAX_INPUT_MESSAGE)
@@ -340,7 +341,8 @@ pub async fn open_terminal(
 
 struct Session {
     ctx: Arc<Ctx>,
-    slot: Slot,
+    /// Held for the session's life: dropping it frees the device's session slot.
+    _slot: Slot,
     cancel: CancellationToken,
     handle: StreamHandle,
     events: mpsc::Receiver<FromDevice>,
@@ -349,6 +351,38 @@ struct Session {
     recorder: Recorder,
     view: TerminalSessionView,
     started: Instant,
+    /// Whether the end is recorded and audited.
+    finished: bool,
+}
+
+impl Drop for Session {
+    /// A session whose WebSocket never came up still ends: on the device, in its summary and
+    /// in the audit log.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let reason = "the operator's WebSocket never opened";
+        self.handle.try_close(reason);
+        let mut view = self.view.clone();
+        view.ended_ms = Some(now_ms());
+        view.reason = Some(reason.into());
+        let ctx = self.ctx.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = write_summary(&ctx.config.data_dir, &view) {
+                    tracing::warn!(session = %view.id, error = %e, "could not write the session summary");
+                }
+                let entry = crate::audit(&view.actor, "terminal.close", &view.device_id)
+                    .with_details(serde_json::json!({
+                        "session": view.id, "duration_ms": 0, "exit_code": null, "reason": reason,
+                    }));
+                if let Err(e) = ctx.store.append_audit(entry).await {
+                    tracing::error!(session = %view.id, error = %e, "could not audit the end of a terminal session");
+                }
+            });
+        }
+    }
 }
 
 /// How a session ended.
@@ -459,6 +493,7 @@ impl Session {
     }
 
     async fn finish(mut self, end: End) {
+        self.finished = true;
         self.recorder.finish().await;
         let duration_ms = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
         self.view.ended_ms = Some(now_ms());
@@ -478,7 +513,6 @@ impl Session {
             tracing::error!(session = %self.view.id, error = %e, "could not audit the end of a terminal session");
         }
         tracing::info!(device = %self.view.device_id, session = %self.view.id, duration_ms, "terminal closed");
-        drop(self.slot);
     }
 }
 
