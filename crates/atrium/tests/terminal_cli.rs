@@ -134,6 +134,45 @@ async fn atrium_terminal_behaves_like_ssh() {
         .expect("status");
     assert_eq!(status.code(), Some(7));
 
+    // The session is listed with its exit code, and its recording downloads as asciinema v2.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_atrium"))
+            .args(args)
+            .env("ATRIUM_SERVER", &api)
+            .env("ATRIUM_TOKEN", &token)
+            .env("ATRIUM_CA_FILE", &ca_file)
+            .output()
+            .expect("atrium runs")
+    };
+    let list = cli(&["terminal-sessions", "list", "--json"]);
+    assert!(list.status.success(), "{list:?}");
+    let sessions: serde_json::Value = serde_json::from_slice(&list.stdout).expect("JSON list");
+    let session = &sessions.as_array().expect("array")[0];
+    assert_eq!(session["device_id"], device.as_str());
+    assert_eq!(session["exit_code"], 7);
+    let id = session["id"].as_str().expect("id");
+    let cast = dir.path().join("session.cast");
+    let get = cli(&[
+        "terminal-sessions",
+        "get",
+        id,
+        "-o",
+        cast.to_str().expect("path"),
+    ]);
+    assert!(get.status.success(), "{get:?}");
+    let text = std::fs::read_to_string(&cast).expect("recording");
+    let header: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("header")).expect("header JSON");
+    assert_eq!(
+        (
+            header["version"].as_u64(),
+            header["width"].as_u64(),
+            header["height"].as_u64()
+        ),
+        (Some(2), Some(100), Some(30))
+    );
+    assert!(text.contains("size-done"));
+
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), agent_task).await;
     server.shutdown().await;
