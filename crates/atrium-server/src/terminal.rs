@@ -101,7 +101,6 @@ impl TerminalHub {
                     ctx.config.terminal_opens_per_minute
                 )));
             }
-            recent.push_back(now);
         }
         let mut live = hub.lock_live();
         let on_device = live.values().filter(|l| l.device_id == device_id).count();
@@ -110,6 +109,13 @@ impl TerminalHub {
                 "device {device_id} has {on_device} terminal sessions open, the most allowed"
             )));
         }
+        // Only sessions given a slot count against the operator's rate.
+        hub.opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(actor.to_owned())
+            .or_default()
+            .push_back(Instant::now());
         let id = uuid::Uuid::now_v7().to_string();
         let cancel = CancellationToken::new();
         live.insert(
