@@ -464,9 +464,42 @@ async fn hang_up(child: &mut tokio::process::Child, pid: u32) {
     {
         let _ = child.start_kill();
     }
-    // Whatever survived the hang-up in the group goes now (nohup'd or ignoring SIGHUP).
+    // Whatever survived the hang-up goes now (nohup'd, ignoring SIGHUP, or a background job
+    // in a process group of its own): every process left in the shell's session.
     let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+    for pid in session_members(pid) {
+        if let Some(pid) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
     let _ = child.wait().await;
+}
+
+/// The session id of a process from the text of `/proc/PID/stat`.
+pub fn stat_session(stat: &str) -> Option<u32> {
+    // The command name (field 2) is in parentheses and may contain anything, even ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After it: state, ppid, pgrp, session.
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Processes whose session is `sid` (the shell's: it is the session leader).
+fn session_members(sid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat_session(&stat))
+                == Some(sid)
+        })
+        .collect()
 }
 
 /// Serves one terminal until the shell exits or the server hangs up.
@@ -648,6 +681,20 @@ mod tests {
         );
         assert_eq!(find_account(passwd, "nobody"), None);
         assert_eq!(find_account(passwd, ""), None);
+    }
+
+    #[test]
+    fn session_ids_are_read_from_proc_stat() {
+        assert_eq!(
+            stat_session("4242 (sleep) S 4241 4242 4200 34816 4242 4194304 0"),
+            Some(4200)
+        );
+        assert_eq!(
+            stat_session("7 (a) b) c) R 1 7 7 0 -1 0"),
+            Some(7),
+            "a ')' in the command name does not shift the fields"
+        );
+        assert_eq!(stat_session("garbage"), None);
     }
 
     #[test]

@@ -393,14 +393,18 @@ async fn terminal_sessions_end_from_either_side(backend: Backend) {
         .await
         .expect("open");
     let mut screen = Screen::new();
+    // A background job (its own process group under job control) and a foreground one.
     let long = marker(&id, 1);
+    let background = marker(&id, 4);
     client
-        .send(format!("sleep {long}\n").as_bytes())
+        .send(format!("sleep {background} & sleep {long}\n").as_bytes())
         .await
         .expect("send");
     wait_processes(&["sleep", &long], true).await;
+    wait_processes(&["sleep", &background], true).await;
     client.close().await;
     wait_processes(&["sleep", &long], false).await;
+    wait_processes(&["sleep", &background], false).await;
 
     // An admin terminates a live session; the operator is told by whom.
     let mut client = TerminalClient::open(&target(&server, &operator, &id))
