@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use atrium_store::{DeviceStatus, Role};
 use axum::Json;
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -32,6 +31,9 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::error::ApiError;
@@ -210,13 +212,13 @@ pub async fn open_terminal(
     caller: Caller,
     Path(device_id): Path<String>,
     Query(query): Query<TerminalQuery>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
     if caller.session.is_some() {
-        check_origin(&headers)?;
+        check_origin(request.headers())?;
     }
+    let upgrade = websocket_upgrade(&mut request)?;
     let cols = query.cols.unwrap_or(80);
     let rows = query.rows.unwrap_or(24);
     if !(1..=1000).contains(&cols) || !(1..=1000).contains(&rows) {
@@ -338,11 +340,75 @@ pub async fn open_terminal(
         started: Instant::now(),
         finished: false,
     };
-    Ok(ws
-        .max_message_size(MAX_INPUT_MESSAGE)
-        .max_frame_size(MAX_INPUT_MESSAGE)
-        .on_upgrade(move |socket| session.relay(socket))
-        .into_response())
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_INPUT_MESSAGE))
+        .max_frame_size(Some(MAX_INPUT_MESSAGE));
+    let on_upgrade = upgrade.on_upgrade;
+    tokio::spawn(async move {
+        // A failed upgrade drops the session, which closes it everywhere.
+        if let Ok(upgraded) = on_upgrade.await {
+            let socket = WebSocketStream::from_raw_socket(
+                hyper_util::rt::TokioIo::new(upgraded),
+                WsRole::Server,
+                Some(config),
+            )
+            .await;
+            session.relay(socket).await;
+        }
+    });
+    Response::builder()
+        .status(axum::http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, upgrade.accept)
+        .body(axum::body::Body::empty())
+        .map_err(|e| ApiError::Internal(format!("building the upgrade answer: {e}")))
+}
+
+/// The checked WebSocket handshake of a request: the accept key and the connection to come.
+struct Upgrade {
+    accept: String,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// Checks that `request` asks for a WebSocket (RFC 6455, over HTTP/1.1) and takes its upgrade.
+fn websocket_upgrade(request: &mut axum::extract::Request) -> Result<Upgrade, ApiError> {
+    let headers = request.headers();
+    let lists = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if request.method() != axum::http::Method::GET
+        || !lists(header::CONNECTION, "upgrade")
+        || !lists(header::UPGRADE, "websocket")
+    {
+        return Err(ApiError::BadRequest(
+            "this endpoint is a WebSocket: send Connection: upgrade and Upgrade: websocket".into(),
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(ApiError::BadRequest(
+            "only WebSocket version 13 is spoken here".into(),
+        ));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| ApiError::BadRequest("Sec-WebSocket-Key is missing".into()))?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| {
+            ApiError::BadRequest("this connection cannot be upgraded; use HTTP/1.1".into())
+        })?;
+    Ok(Upgrade { accept, on_upgrade })
 }
 
 struct Session {
@@ -402,7 +468,10 @@ struct End {
 }
 
 impl Session {
-    async fn relay(mut self, socket: WebSocket) {
+    async fn relay<S>(mut self, socket: WebSocketStream<S>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let (mut sink, mut source) = socket.split();
         let hello = TerminalControl::Session {
             id: self.view.id.clone(),
@@ -466,7 +535,7 @@ impl Session {
                             let _ = self.handle.send(ToDevice::Resize { cols, rows }).await;
                         }
                     }
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
                     Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => {
                         end = Some(End { exit_code: None, reason: Some("the operator left".into()), device_closed: false, operator_there: false });
                     }

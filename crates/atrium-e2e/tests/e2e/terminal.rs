@@ -577,6 +577,16 @@ async fn terminal_limits_of_the_server(backend: Backend) {
     let (_agent, id) = gateway(&server, "TERM-7", |_| {}).await;
     let operator = token(&server, "ops", "operator").await;
 
+    // A plain GET is not a WebSocket handshake: refused before anything opens.
+    let (status, body) = server.get(&format!("/api/v1/devices/{id}/terminal")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("WebSocket")),
+        "{body}"
+    );
+
     // One session per device at a time (server setting).
     let first = TerminalClient::open(&target(&server, &operator, &id))
         .await
