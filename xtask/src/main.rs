@@ -1,12 +1,14 @@
 //! Atrium's automation: `cargo xtask bench identity` measures the identity foundation
 //! (enrollment throughput, idle device links) and `cargo xtask bench rooms` the rooms pipeline
 //! (telemetry ingest, reading-to-event latency, the agent's MQTT intake) against the real
-//! `atrium` and `atrium-agent` release binaries, printing `name: value unit` lines; results are
+//! `atrium` and `atrium-agent` release binaries, and `cargo xtask bench terminal` the remote
+//! terminal against a local OpenSSH server, printing `name: value unit` lines; results are
 //! kept in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
 mod bench_identity;
 mod bench_rooms;
+mod bench_terminal;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -98,6 +100,25 @@ enum Bench {
         #[arg(long)]
         agent_bin: Option<std::path::PathBuf>,
     },
+    /// Remote terminal: keystroke-to-echo latency and bulk output throughput through the
+    /// server and the agent, and the same through a throwaway local OpenSSH server.
+    Terminal {
+        /// Keystrokes timed for the latency percentiles.
+        #[arg(long, default_value_t = 2000)]
+        samples: usize,
+        /// Size of the file `cat` prints for the throughput, in MB.
+        #[arg(long, default_value_t = 100)]
+        megabytes: usize,
+        /// Measure Atrium only.
+        #[arg(long)]
+        skip_ssh: bool,
+        /// Use this `atrium` binary instead of building it.
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+        /// Use this `atrium-agent` binary instead of building it.
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
+    },
 }
 
 /// Database backends to benchmark.
@@ -124,6 +145,22 @@ impl BackendChoice {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench {
+            bench:
+                Bench::Terminal {
+                    samples,
+                    megabytes,
+                    skip_ssh,
+                    server_bin,
+                    agent_bin,
+                },
+        } => bench_terminal::run(bench_terminal::Options {
+            samples: samples.max(1),
+            megabytes: megabytes.max(1),
+            server_bin,
+            agent_bin,
+            skip_ssh,
+        }),
         Command::Bench {
             bench:
                 Bench::Rooms {

@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub telemetry_batch: usize,
     /// Most disk space the store-and-forward spool may use, MiB (oldest readings go first).
     pub spool_max_mb: u64,
+    /// Remote terminal settings (`[terminal]`): on/off, shell, user, environment, limits.
+    pub terminal: crate::terminal::TerminalConfig,
 }
 
 /// Where sensor readings come from.
@@ -102,6 +104,7 @@ impl Default for AgentConfig {
             filter: crate::filter::FilterConfig::default(),
             telemetry_batch: 500,
             spool_max_mb: 64,
+            terminal: crate::terminal::TerminalConfig::default(),
         }
     }
 }

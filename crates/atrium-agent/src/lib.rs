@@ -22,6 +22,7 @@ pub mod inventory;
 mod link;
 pub mod rooms;
 pub mod spool;
+pub mod terminal;
 pub mod twin;
 
 use std::path::PathBuf;

@@ -259,6 +259,8 @@ impl Session {
         if let Some(forward) = forward.as_deref_mut() {
             forward.reset();
         }
+        // Terminals live as long as this link: dropping them hangs every shell up.
+        let mut terminals = crate::terminal::Terminals::new(agent.config().terminal.clone());
         // After every (re)connect: fetch the whole desired twin and repeat the last outcome,
         // which may have been lost with the previous link.
         for message in [Message::TwinGet, agent.applied_report()] {
@@ -305,6 +307,11 @@ impl Session {
                         Err(e) => tracing::error!(error = %e, "cannot build a renewal CSR"),
                     }
                     renew.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(60));
+                }
+                message = terminals.outgoing() => {
+                    if let Err(e) = self.send(message).await {
+                        return lost(e, true);
+                    }
                 }
                 batch = next_batch(forward.as_deref_mut()) => {
                     let batch_seq = batch.batch_seq;
@@ -372,6 +379,17 @@ impl Session {
                             if !telemetry {
                                 tracing::warn!(code = e.code, message = %e.message, "server reported an error");
                                 renewing = false;
+                            }
+                        }
+                        message @ (Message::StreamOpen(_)
+                        | Message::StreamData(_)
+                        | Message::StreamWindow(_)
+                        | Message::StreamResize(_)
+                        | Message::StreamClose(_)) => {
+                            if let Some(reply) = terminals.handle(message)
+                                && let Err(e) = self.send(reply).await
+                            {
+                                return lost(e, true);
                             }
                         }
                         other => {

@@ -227,6 +227,20 @@ pub struct StreamClose {
     pub reason: Option<String>,
 }
 
+/// New size of the terminal behind a stream (sent by the server to the agent).
+///
+/// A message of its own, not bytes in [`StreamData`], so the data of a terminal stays a
+/// plain, binary-safe byte sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamResize {
+    /// The stream.
+    pub stream: u32,
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
+}
+
 /// The agent asks for a fresh operational certificate before the current one expires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RenewRequest {
@@ -296,6 +310,8 @@ pub enum Message {
     Error(ErrorMessage),
     /// The sender is about to close the connection, and why.
     Goodbye(String),
+    /// The terminal behind a stream changed size.
+    StreamResize(StreamResize),
 }
 
 macro_rules! kinds {
@@ -364,6 +380,7 @@ kinds! {
     17 => RenewResponse(RenewResponse), "renew-response";
     18 => Error(ErrorMessage), "error";
     19 => Goodbye(String), "goodbye";
+    20 => StreamResize(StreamResize), "stream-resize";
 }
 
 fn finish<'a, T: Deserialize<'a>>(body: &'a [u8], kind: &'static str) -> Result<T, ProtoError> {

@@ -76,6 +76,11 @@ fn sample_messages() -> Vec<Message> {
             message: "bad".into(),
         }),
         Message::Goodbye("decommissioned".into()),
+        Message::StreamResize(StreamResize {
+            stream: 1,
+            cols: 132,
+            rows: 43,
+        }),
     ]
 }
 
@@ -94,7 +99,7 @@ fn every_message_round_trips_and_kinds_are_distinct() {
         assert_eq!(kind_name(bytes[2]), Some(frame.message.name()));
         assert_eq!(Frame::decode(&bytes), Ok(frame));
     }
-    assert_eq!(kinds.len(), 19, "a new message needs a sample here");
+    assert_eq!(kinds.len(), 20, "a new message needs a sample here");
 }
 
 #[test]

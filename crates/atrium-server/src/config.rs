@@ -55,6 +55,12 @@ pub struct ServerConfig {
     /// External systems kept in step with the device lifecycle, twins and rooms
     /// (`[[integrations]]` tables in the file; see docs/INTEGRATIONS.md).
     pub integrations: Vec<IntegrationConfig>,
+    /// Record what operators type in terminal sessions too (off: input holds passwords).
+    pub terminal_record_input: bool,
+    /// Most terminal sessions open on one device at a time.
+    pub terminal_max_per_device: u32,
+    /// Most terminal sessions one operator may open per minute.
+    pub terminal_opens_per_minute: u32,
 }
 
 /// One external integration.
@@ -147,6 +153,9 @@ impl Default for ServerConfig {
             retention_readings_days: 30,
             retention_history_days: 730,
             integrations: Vec::new(),
+            terminal_record_input: false,
+            terminal_max_per_device: 4,
+            terminal_opens_per_minute: 10,
         }
     }
 }

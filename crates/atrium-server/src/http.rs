@@ -47,6 +47,8 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(tls);
     let stop = shutdown.clone();
     accept_loop(listener, "API", stop, move |tcp, peer| {
+        // Small writes (terminal keystrokes and echoes, SSE events) go out at once.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         let shutdown = shutdown.clone();

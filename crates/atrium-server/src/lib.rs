@@ -5,7 +5,8 @@
 //! listeners: HTTPS for the REST API and enrollment ([`api`]), and mutual TLS for device
 //! links ([`link`]). Everything shares one [`Ctx`]. Telemetry from the links is validated,
 //! committed in groups (`ingest`) and fed to one rooms engine per room ([`rooms`]), whose live
-//! state the API serves and streams (SSE).
+//! state the API serves and streams (SSE). Operators open shells on gateways over their links
+//! ([`terminal`]).
 #![forbid(unsafe_code)]
 
 mod accounts;
@@ -21,6 +22,8 @@ pub mod integrations;
 mod link;
 mod registry;
 pub mod rooms;
+mod streams;
+pub mod terminal;
 pub mod twins;
 mod web;
 pub mod webhooks;
@@ -59,6 +62,8 @@ pub struct Ctx {
     enroller: enroll::Enroller,
     ingest: ingest::Ingest,
     logins: accounts::LoginGuard,
+    /// Live terminal sessions and operators' recent opens.
+    terminals: terminal::TerminalHub,
     /// Cancelled when the node shuts down (ends live streams).
     shutdown: CancellationToken,
 }
@@ -160,6 +165,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         enroller,
         ingest,
         logins: accounts::LoginGuard::default(),
+        terminals: terminal::TerminalHub::default(),
         shutdown: shutdown.clone(),
     });
 

@@ -138,6 +138,7 @@ async fn handle(
                 twin_version: 0,
                 announced: false,
                 end: None,
+                streams: crate::streams::LinkStreams::default(),
             };
             let result = session.run(control_rx, shutdown).await;
             (result, session.announced, session.end)
@@ -224,10 +225,26 @@ struct Session<'a, S> {
     announced: bool,
     /// Why the link ended, when one side said so.
     end: Option<String>,
+    /// Open byte streams (terminals); empty and without buffers on an idle link.
+    streams: crate::streams::LinkStreams,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     async fn run(
+        &mut self,
+        control: mpsc::Receiver<Control>,
+        shutdown: CancellationToken,
+    ) -> Result<(), LinkError> {
+        let result = self.serve(control, shutdown).await;
+        let reason = match &result {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        self.streams.close_all(&reason);
+        result
+    }
+
+    async fn serve(
         &mut self,
         mut control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
@@ -291,12 +308,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
         self.send_desired_twin(false).await?;
 
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 command = control.recv() => {
                     let reason = match command {
                         Some(Control::TwinChanged) => {
                             self.send_desired_twin(false).await?;
+                            continue;
+                        }
+                        Some(Control::OpenStream(request)) => {
+                            if let Some(open) = self.streams.open(*request) {
+                                self.send(open).await?;
+                            }
                             continue;
                         }
                         Some(Control::Close(reason)) => reason,
@@ -307,12 +331,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 _ = shutdown.cancelled() => {
                     return self.close("server shutting down").await;
                 }
-                frame = tokio::time::timeout(silence_limit, self.next_frame()) => {
+                (stream, command) = self.streams.next_command(), if !self.streams.is_empty() => {
+                    if let Some(message) = self.streams.command(stream, command) {
+                        self.send(message).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(last_heard + silence_limit) => {
+                    return self.close("heartbeat missed").await;
+                }
+                frame = next_frame(&mut self.ws, &mut self.inbound) => {
+                    last_heard = tokio::time::Instant::now();
                     match frame {
-                        Err(_) => return self.close("heartbeat missed").await,
-                        Ok(Ok(None)) => return Ok(()),
-                        Ok(Err(e)) => return self.refuse(e.to_string()).await,
-                        Ok(Ok(Some(frame))) => {
+                        Ok(None) => return Ok(()),
+                        Err(e) => return self.refuse(e.to_string()).await,
+                        Ok(Some(frame)) => {
                             self.ctx.links.mark_seen(self.device_id);
                             self.dispatch(frame.message).await?;
                         }
@@ -324,29 +356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 
     /// The next protocol frame, `None` when the agent closed the link.
     async fn next_frame(&mut self) -> Result<Option<Frame>, LinkError> {
-        loop {
-            let message = match self.ws.next().await {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(LinkError::Protocol(e.to_string())),
-                Some(Ok(message)) => message,
-            };
-            match message {
-                WsMessage::Binary(bytes) => {
-                    let frame =
-                        Frame::decode(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))?;
-                    self.inbound
-                        .check(frame.seq)
-                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                    return Ok(Some(frame));
-                }
-                WsMessage::Close(_) => return Ok(None),
-                // Pings are answered by tungstenite; nothing else is part of the protocol.
-                WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
-                WsMessage::Text(_) => {
-                    return Err(LinkError::Protocol("text message on a binary link".into()));
-                }
-            }
-        }
+        next_frame(&mut self.ws, &mut self.inbound).await
     }
 
     async fn dispatch(&mut self, message: Message) -> Result<(), LinkError> {
@@ -369,6 +379,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.end = Some(format!("agent: {}", truncate(&reason, 200)));
                 Ok(())
             }
+            message @ (Message::StreamOpen(_)
+            | Message::StreamData(_)
+            | Message::StreamWindow(_)
+            | Message::StreamClose(_)) => match self.streams.device_message(message) {
+                Some(reply) => self.send(reply).await,
+                None => Ok(()),
+            },
             other => {
                 self.send(Message::Error(ErrorMessage {
                     code: 501,
@@ -553,6 +570,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }))
             .await;
         Err(LinkError::Protocol(reason))
+    }
+}
+
+/// The next protocol frame of a link, `None` when the agent closed it.
+async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    inbound: &mut SeqCheck,
+) -> Result<Option<Frame>, LinkError> {
+    loop {
+        let message = match ws.next().await {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(LinkError::Protocol(e.to_string())),
+            Some(Ok(message)) => message,
+        };
+        match message {
+            WsMessage::Binary(bytes) => {
+                let frame =
+                    Frame::decode(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))?;
+                inbound
+                    .check(frame.seq)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                return Ok(Some(frame));
+            }
+            WsMessage::Close(_) => return Ok(None),
+            // Pings are answered by tungstenite; nothing else is part of the protocol.
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
+            WsMessage::Text(_) => {
+                return Err(LinkError::Protocol("text message on a binary link".into()));
+            }
+        }
     }
 }
 

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
 /// What the rest of the server can tell a link task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Control {
     /// Close the link now, telling the agent why.
     Close(String),
     /// The device's desired twin changed: send it.
     TwinChanged,
+    /// Open a byte stream to the device (a terminal).
+    OpenStream(Box<crate::streams::StreamRequest>),
 }
 
 struct Entry {
@@ -89,6 +91,26 @@ impl LinkRegistry {
         }
     }
 
+    /// Asks the device's link to open a stream; refused when there is no link or it is busy.
+    pub fn open_stream(
+        &self,
+        device_id: &str,
+        request: crate::streams::StreamRequest,
+    ) -> Result<(), String> {
+        let control = self
+            .lock_links()
+            .get(device_id)
+            .map(|e| e.control.clone())
+            .ok_or_else(|| format!("device {device_id} is not connected"))?;
+        // Like twin notifications, opens take at most half the slots so a Close finds room.
+        if control.capacity() <= control.max_capacity() / 2 {
+            return Err(format!("the link of device {device_id} is busy; try again"));
+        }
+        control
+            .try_send(Control::OpenStream(Box::new(request)))
+            .map_err(|_| format!("the link of device {device_id} is busy; try again"))
+    }
+
     /// Whether the device has a live link on this node.
     pub fn is_connected(&self, device_id: &str) -> bool {
         self.lock_links().contains_key(device_id)
@@ -140,10 +162,10 @@ mod tests {
         registry.unregister(&first);
         assert!(registry.is_connected("d1"));
         assert!(registry.disconnect("d1", "decommissioned"));
-        assert_eq!(
+        assert!(matches!(
             rx2.recv().await,
-            Some(Control::Close("decommissioned".into()))
-        );
+            Some(Control::Close(reason)) if reason == "decommissioned"
+        ));
         registry.unregister(&second);
         assert!(!registry.is_connected("d1"));
         assert!(!registry.disconnect("d1", "again"));

@@ -73,8 +73,8 @@ fn read_trimmed(path: &Path, what: &str) -> anyhow::Result<String> {
 }
 
 impl Connection {
-    /// Builds a client that trusts only the configured CA.
-    pub fn client(&self) -> anyhow::Result<Client> {
+    /// The API token and a TLS configuration that trusts only the configured CA.
+    pub fn credentials(&self) -> anyhow::Result<(String, std::sync::Arc<rustls::ClientConfig>)> {
         let token = match (&self.token, &self.token_file) {
             (Some(token), _) => token.clone(),
             (None, Some(file)) => read_trimmed(file, "token file")?,
@@ -95,6 +95,12 @@ impl Connection {
         })?;
         let roots = atrium_pki::parse_pem_certs(&ca)?;
         let tls = atrium_pki::tls::client_config(&roots, None)?;
+        Ok((token, tls))
+    }
+
+    /// Builds a client that trusts only the configured CA.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let (token, tls) = self.credentials()?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
             .timeout(Duration::from_secs(60))
@@ -151,6 +157,63 @@ impl Client {
     ) -> anyhow::Result<T> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
+    }
+
+    /// GET raw bytes (a download), written to `out` as they arrive; returns the byte count.
+    pub async fn download(
+        &self,
+        path: &str,
+        out: &mut (impl std::io::Write + ?Sized),
+    ) -> anyhow::Result<u64> {
+        let mut response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status();
+        if !status.is_success() {
+            let reason = response
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            return Err(ApiError { status, reason }.into());
+        }
+        let mut total = 0u64;
+        while let Some(chunk) = response.chunk().await.context("download interrupted")? {
+            out.write_all(&chunk).context("writing the download")?;
+            total += chunk.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// POST without a body; an empty answer (204) reads as JSON null.
+    pub async fn post_empty(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status();
+        if status.is_success() {
+            let bytes = response.bytes().await.context("unreadable answer")?;
+            if bytes.is_empty() {
+                return Ok(serde_json::Value::Null);
+            }
+            return serde_json::from_slice(&bytes).context("unreadable answer from the server");
+        }
+        let reason = response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        Err(ApiError { status, reason }.into())
     }
 
     /// PUT a JSON body.

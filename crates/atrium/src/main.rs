@@ -1,7 +1,7 @@
 //! `atrium`: the server and its admin CLI.
 #![forbid(unsafe_code)]
 
-use atrium::{client, demo};
+use atrium::{client, demo, terminal};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -57,6 +57,11 @@ enum Command {
     /// Device groups: static (a member list) or dynamic (a saved filter).
     #[command(subcommand)]
     Groups(groups_cmd::DeviceGroupsCmd),
+    /// Opens a shell on a connected gateway (raw mode; exits with the remote shell's code).
+    Terminal(terminal::TerminalArgs),
+    /// Terminal sessions: list, download a recording, terminate.
+    #[command(subcommand, name = "terminal-sessions")]
+    TerminalSessions(terminal::SessionsCmd),
 }
 
 #[derive(Subcommand)]
@@ -574,6 +579,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             })
         }
+        Command::Terminal(args) => {
+            let code = terminal::run(args).await?;
+            std::process::exit(code)
+        }
+        Command::TerminalSessions(cmd) => terminal::sessions(cmd).await,
         Command::Tokens(cmd) => tokens(cmd).await,
         Command::Twin(cmd) => twin(cmd).await,
         Command::Users(cmd) => users(cmd).await,

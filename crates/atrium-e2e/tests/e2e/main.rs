@@ -13,6 +13,7 @@ mod identity;
 mod integrations;
 mod rooms;
 mod sim;
+mod terminal;
 mod twins;
 mod web;
 mod webhooks;

@@ -57,7 +57,9 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         webhooks::list_deliveries,
         groups::patch_tags, groups::create_group, groups::list_groups, groups::show_group,
         groups::delete_group, groups::add_members, groups::remove_members, groups::patch_target,
-        events::event_stream, events::list_integrations
+        events::event_stream, events::list_integrations,
+        crate::terminal::open_terminal, crate::terminal::list_sessions,
+        crate::terminal::get_recording, crate::terminal::terminate_session
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -192,6 +194,22 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/api/v1/webhooks/{id}/deliveries",
             get(webhooks::list_deliveries),
+        )
+        .route(
+            "/api/v1/devices/{id}/terminal",
+            get(crate::terminal::open_terminal),
+        )
+        .route(
+            "/api/v1/terminal-sessions",
+            get(crate::terminal::list_sessions),
+        )
+        .route(
+            "/api/v1/terminal-sessions/{id}/recording",
+            get(crate::terminal::get_recording),
+        )
+        .route(
+            "/api/v1/terminal-sessions/{id}/terminate",
+            post(crate::terminal::terminate_session),
         )
         .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

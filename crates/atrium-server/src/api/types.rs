@@ -485,3 +485,47 @@ pub struct TargetPatchOutcome {
     /// The first failures with their reasons.
     pub failures: Vec<TargetPatchFailure>,
 }
+
+/// A remote terminal session, live or ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TerminalSessionView {
+    /// Session id.
+    pub id: String,
+    /// The device the shell ran on.
+    pub device_id: String,
+    /// Who opened it (`token:<name>` or `user:<name>`).
+    pub actor: String,
+    /// When it opened, unix ms.
+    pub started_ms: i64,
+    /// When it ended, unix ms; absent while live.
+    pub ended_ms: Option<i64>,
+    /// Exit status of the remote shell, when it exited.
+    pub exit_code: Option<i32>,
+    /// Why it ended, when the shell did not simply exit.
+    pub reason: Option<String>,
+}
+
+/// Text messages on the terminal WebSocket (binary messages are the terminal's bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TerminalControl {
+    /// Server → client, first: the session is open.
+    Session {
+        /// Session id (for the recording and termination).
+        id: String,
+    },
+    /// Client → server: the terminal's size changed.
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
+    /// Server → client, last: the session ended.
+    Exit {
+        /// Exit status of the remote shell, when it exited.
+        code: Option<i32>,
+        /// Why it ended otherwise.
+        reason: Option<String>,
+    },
+}
