@@ -3,6 +3,8 @@
 
 use atrium::{client, demo};
 
+mod artifact_cli;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -52,6 +54,9 @@ enum Command {
     /// Operator accounts of the web dashboard.
     #[command(subcommand)]
     Users(UsersCmd),
+    /// Update artifacts (Mender-compatible): write, read, validate, sign.
+    #[command(subcommand)]
+    Artifact(artifact_cli::ArtifactCmd),
 }
 
 #[derive(Subcommand)]
@@ -469,6 +474,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Tokens(cmd) => tokens(cmd).await,
         Command::Twin(cmd) => twin(cmd).await,
         Command::Users(cmd) => users(cmd).await,
+        Command::Artifact(cmd) => artifact_cli::run(cmd),
         Command::Rooms(RoomsCmd::Eval {
             format,
             train,
