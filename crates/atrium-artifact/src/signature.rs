@@ -232,6 +232,29 @@ cNGy0LMvrsSMAw3/RSuG+NctxowV1NCaDdrbpT81JFPpV3ZDjxHTHAfbJg==
         assert!(!public.verify_base64(b"manifest", b"not base64!"));
     }
 
+    proptest::proptest! {
+        /// Damaged key files (a byte of the DER inside the PEM changed) give errors or a
+        /// working key, never panics.
+        #[test]
+        fn damaged_key_files_never_panic(
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            value in proptest::prelude::any::<u8>(),
+            public in proptest::prelude::any::<bool>(),
+        ) {
+            let text = if public { EC_PUB } else { EC_KEY };
+            let parsed = pem::parse(text).expect("test key");
+            let mut der = parsed.contents().to_vec();
+            let i = at.index(der.len());
+            der[i] = value;
+            let text = pem::encode(&pem::Pem::new(parsed.tag(), der));
+            if let Ok(key) = SigningKey::from_pem(text.as_bytes()) {
+                let sig = key.sign(b"m").expect("signs");
+                proptest::prop_assert!(key.verifying_key().verify(b"m", &sig));
+            }
+            let _ = VerifyingKey::from_pem(text.as_bytes());
+        }
+    }
+
     #[test]
     fn key_refusals() {
         assert!(SigningKey::from_pem(b"junk").is_err());

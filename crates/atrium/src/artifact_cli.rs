@@ -29,6 +29,7 @@ pub enum ArtifactCmd {
         /// Prints JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Shows no progress bar (none is shown when standard error is not a terminal).
         #[arg(long)]
         no_progress: bool,
     },
@@ -39,6 +40,7 @@ pub enum ArtifactCmd {
         /// Public key (PEM) the artifact must be signed with; repeat for more.
         #[arg(short = 'k', long = "key")]
         keys: Vec<PathBuf>,
+        /// Shows no progress bar (none is shown when standard error is not a terminal).
         #[arg(long)]
         no_progress: bool,
     },
@@ -133,6 +135,7 @@ pub struct WriteArgs {
     /// The software version provided (default: the artifact's name).
     #[arg(long)]
     software_version: Option<String>,
+    /// Shows no progress bar (none is shown when standard error is not a terminal).
     #[arg(long)]
     no_progress: bool,
 }
