@@ -84,6 +84,17 @@ pub struct PayloadSpec {
     pub meta_data: Option<Map<String, Value>>,
     /// The software version provided; the artifact's name when not set.
     pub software_version: Option<String>,
+    /// The software name in the version key: `rootfs-image.NAME.version`. rootfs-image payloads
+    /// have none by default (`rootfs-image.version`), module payloads their type.
+    pub software_name: Option<String>,
+    /// What stands for `rootfs-image` in the version key and the default clears.
+    pub software_filesystem: Option<String>,
+    /// Provides the software version, and clears the provides of earlier versions.
+    pub default_software_version: bool,
+    /// Adds the default `clears_artifact_provides` (with the software version only).
+    pub default_clears_provides: bool,
+    /// rootfs-image: provides `rootfs-image.checksum`, the image's SHA-256.
+    pub checksum_provide: bool,
 }
 
 impl PayloadSpec {
@@ -97,6 +108,11 @@ impl PayloadSpec {
             clears_provides: Vec::new(),
             meta_data: None,
             software_version: None,
+            software_name: None,
+            software_filesystem: None,
+            default_software_version: true,
+            default_clears_provides: true,
+            checksum_provide: true,
         }
     }
 }
@@ -326,21 +342,35 @@ pub fn write<W: Write>(
         .software_version
         .clone()
         .unwrap_or_else(|| spec.name.clone());
+    let payload = &spec.payload;
+    let filesystem = payload
+        .software_filesystem
+        .as_deref()
+        .unwrap_or("rootfs-image");
+    let software_name = match kind {
+        PayloadKind::RootfsImage => payload.software_name.as_deref(),
+        PayloadKind::Module(t) => Some(payload.software_name.as_deref().unwrap_or(t)),
+    };
+    let prefix = match software_name {
+        Some(name) => format!("{filesystem}.{name}"),
+        None => filesystem.to_owned(),
+    };
     let mut provides = BTreeMap::new();
-    let mut clears = spec.payload.clears_provides.clone();
-    match kind {
-        PayloadKind::RootfsImage => {
-            if let Some((_, sum)) = sums.first() {
-                provides.insert("rootfs-image.checksum".to_owned(), hex::encode(sum));
+    let mut clears = payload.clears_provides.clone();
+    if *kind == PayloadKind::RootfsImage
+        && payload.checksum_provide
+        && let Some((_, sum)) = sums.first()
+    {
+        provides.insert("rootfs-image.checksum".to_owned(), hex::encode(sum));
+    }
+    if payload.default_software_version {
+        provides.insert(format!("{prefix}.version"), software_version);
+        if payload.default_clears_provides {
+            if *kind == PayloadKind::RootfsImage && prefix == "rootfs-image" {
+                clears.push("artifact_group".to_owned());
+                clears.push("rootfs_image_checksum".to_owned());
             }
-            provides.insert("rootfs-image.version".to_owned(), software_version);
-            for c in ["artifact_group", "rootfs_image_checksum", "rootfs-image.*"] {
-                clears.push(c.to_owned());
-            }
-        }
-        PayloadKind::Module(t) => {
-            provides.insert(format!("rootfs-image.{t}.version"), software_version);
-            clears.push(format!("rootfs-image.{t}.*"));
+            clears.push(format!("{prefix}.*"));
         }
     }
     provides.extend(spec.payload.provides.clone());
@@ -350,7 +380,7 @@ pub fn write<W: Write>(
         payload_type: Some(kind.type_name().to_owned()),
         artifact_depends: spec.payload.depends.clone(),
         artifact_provides: provides,
-        clears_artifact_provides: Some(clears),
+        clears_artifact_provides: (!clears.is_empty()).then_some(clears),
     };
     let header_info = HeaderInfo {
         payloads: vec![PayloadEntry {

@@ -68,6 +68,9 @@ pub enum WriteCmd {
         /// The filesystem image.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Does not provide rootfs-image.checksum (for devices that predate provides).
+        #[arg(long)]
+        no_checksum_provide: bool,
         #[command(flatten)]
         common: WriteArgs,
     },
@@ -135,6 +138,21 @@ pub struct WriteArgs {
     /// The software version provided (default: the artifact's name).
     #[arg(long)]
     software_version: Option<String>,
+    /// The version key becomes rootfs-image.NAME.version (module-image: NAME instead of the type).
+    #[arg(long)]
+    software_name: Option<String>,
+    /// Used instead of "rootfs-image" in the version key and default clears.
+    #[arg(long)]
+    software_filesystem: Option<String>,
+    /// Provides no software version (and clears nothing by default).
+    #[arg(long)]
+    no_default_software_version: bool,
+    /// Adds no default clears_artifact_provides.
+    #[arg(long)]
+    no_default_clears_provides: bool,
+    /// The artifact format version: only 3 is written.
+    #[arg(short = 'v', long = "version", default_value = "3", value_parser = format_version)]
+    format_version: u32,
     /// Shows no progress bar (none is shown when standard error is not a terminal).
     #[arg(long)]
     no_progress: bool,
@@ -144,10 +162,16 @@ pub struct WriteArgs {
 pub fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
     match cmd {
         ArtifactCmd::Write(write_cmd) => match *write_cmd {
-            WriteCmd::RootfsImage { file, common } => write(
-                PayloadSpec::new(PayloadKind::RootfsImage, vec![FileSource::Path(file)]),
+            WriteCmd::RootfsImage {
+                file,
+                no_checksum_provide,
                 common,
-            ),
+            } => {
+                let mut payload =
+                    PayloadSpec::new(PayloadKind::RootfsImage, vec![FileSource::Path(file)]);
+                payload.checksum_provide = !no_checksum_provide;
+                write(payload, common)
+            }
             WriteCmd::ModuleImage {
                 payload_type,
                 files,
@@ -197,6 +221,13 @@ pub fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
             output,
             force,
         } => sign(&file, &key, output.as_deref(), force),
+    }
+}
+
+fn format_version(s: &str) -> Result<u32, String> {
+    match s {
+        "3" => Ok(3),
+        _ => Err("only format version 3 is written (versions 1 and 2 are obsolete)".into()),
     }
 }
 
@@ -261,6 +292,11 @@ fn write(mut payload: PayloadSpec, args: WriteArgs) -> anyhow::Result<()> {
         .collect();
     payload.clears_provides = args.clears_provides;
     payload.software_version = args.software_version;
+    payload.software_name = args.software_name;
+    payload.software_filesystem = args.software_filesystem;
+    payload.default_software_version = !args.no_default_software_version;
+    payload.default_clears_provides = !args.no_default_clears_provides;
+    debug_assert_eq!(args.format_version, 3);
     let mut scripts = Vec::new();
     for path in &args.scripts {
         let name = path

@@ -269,3 +269,111 @@ fn write_read_validate_sign_with_mender_on_the_other_side() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("zstd_best"));
     assert!(!d.join("x.mender").exists());
 }
+
+/// The header `atrium artifact read --json` shows for an artifact, with the type-info's own
+/// `type` left out (mender-artifact 3.9 leaves it empty for rootfs-image; header-info has it).
+fn header_of(path: &Path) -> (serde_json::Value, serde_json::Value) {
+    let json: serde_json::Value =
+        serde_json::from_str(&atrium_ok(&["artifact", "read", "--json", s(path)])).expect("JSON");
+    let mut payload = json["header"]["payloads"][0].clone();
+    if let Some(ti) = payload["type_info"].as_object_mut() {
+        ti.remove("type");
+    }
+    (json["header"]["info"].clone(), payload)
+}
+
+#[test]
+fn same_arguments_same_header_as_mender_artifact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = d.join("rootfs.ext4");
+    fs::write(&image, b"a small filesystem image").expect("image");
+    let image = s(&image).to_owned();
+    let rootfs: &[&[&str]] = &[
+        &[],
+        &["--no-default-software-version"],
+        &["--no-default-clears-provides"],
+        &["--no-checksum-provide"],
+        &["--software-name", "foo"],
+        &["--software-name", "foo", "--software-version", "9.1"],
+        &["--software-filesystem", "fsx"],
+        &["-v", "3", "-t", "second-board"],
+        &[
+            "-p",
+            "app.a:1",
+            "-p",
+            "app.b:2",
+            "-d",
+            "hw.rev:b",
+            "--clears-provides",
+            "app.*",
+            "-N",
+            "release-1",
+            "-N",
+            "release-2",
+            "-g",
+            "pilot",
+            "-G",
+            "lab",
+        ],
+    ];
+    let module: &[&[&str]] = &[
+        &[],
+        &["--software-name", "foo"],
+        &["--software-filesystem", "fsx", "--software-version", "3"],
+        &["--no-default-software-version", "-p", "k:v"],
+        &[
+            "--no-default-clears-provides",
+            "-d",
+            "k:v",
+            "--clears-provides",
+            "a.*",
+        ],
+    ];
+    let rootfs_kind = ["rootfs-image", "-f", image.as_str()];
+    let module_kind = ["module-image", "-T", "app-module", "-f", image.as_str()];
+    let cases = rootfs
+        .iter()
+        .map(|a| (&rootfs_kind[..], *a))
+        .chain(module.iter().map(|a| (&module_kind[..], *a)));
+    for (n, (kind, extra)) in cases.enumerate() {
+        let mut paths = Vec::new();
+        for program in ["mender-artifact", env!("CARGO_BIN_EXE_atrium")] {
+            let out = d.join(format!("{n}-{}.mender", paths.len()));
+            let mut args: Vec<&str> = Vec::new();
+            if program != "mender-artifact" {
+                args.push("artifact");
+            }
+            args.push("write");
+            args.extend(kind);
+            args.extend(["-n", "release-3", "-t", "board-a", "--compression", "none"]);
+            args.extend(extra);
+            args.extend(["-o", s(&out)]);
+            ok(program, &args);
+            paths.push(out);
+        }
+        let (mender_info, mender_payload) = header_of(&paths[0]);
+        let (atrium_info, atrium_payload) = header_of(&paths[1]);
+        assert_eq!(atrium_info, mender_info, "{kind:?} {extra:?}");
+        assert_eq!(atrium_payload, mender_payload, "{kind:?} {extra:?}");
+        ok("mender-artifact", &["validate", s(&paths[1])]);
+    }
+    // Format versions other than 3 are refused with the reason.
+    let out = atrium(&[
+        "artifact",
+        "write",
+        "rootfs-image",
+        "-f",
+        &image,
+        "-n",
+        "x",
+        "-c",
+        "b",
+        "-v",
+        "2",
+        "-o",
+        s(&d.join("v2.mender")),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only format version 3"));
+}
