@@ -8,7 +8,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Error {
     /// The input or output failed, or a compressed member or tar archive is corrupt.
     #[error("reading or writing the artifact: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The bytes are not a well-formed Mender artifact.
     #[error("not a valid Mender artifact: {0}")]
     Format(String),
@@ -47,7 +47,15 @@ pub enum Error {
     Spec(String),
     /// The payload sink refused the artifact or failed.
     #[error("{0}")]
-    Sink(#[source] BoxError),
+    Sink(BoxError),
+}
+
+// Not `#[from]`: the message already includes the cause, which would otherwise be printed
+// twice by error reporters that walk the source chain.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
 }
 
 impl Error {

@@ -182,8 +182,12 @@ pub fn read<R: Read>(
     let mut entries = archive.entries()?;
 
     // 1. version
-    let (mut entry, name) =
-        next_member(&mut entries)?.ok_or_else(|| Error::format("the archive is empty"))?;
+    let (mut entry, name) = next_member(&mut entries)
+        .map_err(|e| match e {
+            Error::Io(_) => Error::format("not a tar archive"),
+            other => other,
+        })?
+        .ok_or_else(|| Error::format("the archive is empty"))?;
     if name != "version" {
         return Err(Error::format(format!(
             "the first member must be `version`, found `{name}`"

@@ -42,7 +42,14 @@ impl FileSource {
             FileSource::Path(path) => {
                 let file = File::open(path)
                     .map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
-                let size = file.metadata()?.len();
+                let meta = file.metadata()?;
+                if !meta.is_file() {
+                    return Err(Error::Spec(format!(
+                        "{}: not a regular file",
+                        path.display()
+                    )));
+                }
+                let size = meta.len();
                 Ok((Box::new(file), size))
             }
             FileSource::Memory { data, .. } => Ok((Box::new(&data[..]), data.len() as u64)),
