@@ -225,6 +225,15 @@ fn validate(spec: &WriteSpec) -> Result<(), Error> {
     for f in &spec.payload.files {
         let name = f.name()?;
         check_plain_name("the payload file name", &name)?;
+        // Mender's own rule: its tools and clients refuse other characters.
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ',' | '_' | '-'))
+        {
+            return Err(Error::Spec(format!(
+                "payload file name {name:?}: only letters, digits and \".,_-\" are allowed"
+            )));
+        }
         if !names.insert(name.clone()) {
             return Err(Error::Spec(format!("two payload files are named {name:?}")));
         }
@@ -544,6 +553,32 @@ impl<R: Read> Read for Counted<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_file_names_follow_mender_rules() {
+        let try_name = |name: &str| {
+            let spec = WriteSpec {
+                name: "a".into(),
+                device_types: vec!["d".into()],
+                depends_artifact_names: vec![],
+                provides_group: None,
+                depends_groups: vec![],
+                scripts: vec![],
+                payload: PayloadSpec::new(
+                    PayloadKind::Module("m".into()),
+                    vec![FileSource::Memory {
+                        name: name.into(),
+                        data: vec![],
+                    }],
+                ),
+            };
+            write(&spec, Vec::new(), WriteOptions::default())
+        };
+        assert!(try_name("rootfs_v1.2,final-x.ext4").is_ok());
+        for bad in ["café.bin", "a b", "a/b", "..", "", "a\\b", "x:y"] {
+            assert!(matches!(try_name(bad), Err(Error::Spec(_))), "{bad:?}");
+        }
+    }
 
     #[test]
     fn script_names() {
