@@ -263,10 +263,24 @@ fn staging_beside(target: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    tempfile::Builder::new()
+    let staging = tempfile::Builder::new()
         .prefix(".atrium-artifact-")
         .tempfile_in(&dir)
-        .with_context(|| format!("creating a file in {}", dir.display()))
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    remove_on_interrupt(staging.path().to_path_buf());
+    Ok(staging)
+}
+
+/// Ctrl-C ends the process without running destructors: remove the half-written file first.
+fn remove_on_interrupt(path: PathBuf) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = fs::remove_file(&path);
+                std::process::exit(130);
+            }
+        });
+    }
 }
 
 fn write(mut payload: PayloadSpec, args: WriteArgs) -> anyhow::Result<()> {
