@@ -96,7 +96,16 @@ impl SigningKey {
             }
             other => return Err(Error::Key(format!("{other:?} is not a private key"))),
         };
-        Ok(SigningKey { inner })
+        // A key whose parts do not fit together can parse and still fail (or lie) when it
+        // signs: find out now rather than at the end of writing an artifact.
+        let key = SigningKey { inner };
+        let probe = b"atrium-artifact key check";
+        match key.sign(probe) {
+            Ok(sig) if key.verifying_key().verify(probe, &sig) => Ok(key),
+            _ => Err(Error::Key(
+                "the private key is inconsistent: its signatures do not verify".into(),
+            )),
+        }
     }
 
     /// The signature of `message` as raw bytes (ECDSA: `r || s`).
@@ -253,6 +262,15 @@ cNGy0LMvrsSMAw3/RSuG+NctxowV1NCaDdrbpT81JFPpV3ZDjxHTHAfbJg==
             }
             let _ = VerifyingKey::from_pem(text.as_bytes());
         }
+    }
+
+    #[test]
+    fn inconsistent_keys_are_refused_when_loaded() {
+        // An RSA key whose parts do not fit together (found by fuzzing): ring parses it, but
+        // its signatures fail.
+        let text = include_bytes!("../tests/data/inconsistent-rsa.key");
+        let err = SigningKey::from_pem(text).expect_err("refused");
+        assert!(err.to_string().contains("inconsistent"), "{err}");
     }
 
     #[test]
