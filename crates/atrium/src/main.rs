@@ -3,6 +3,8 @@
 
 use atrium::{client, demo, terminal};
 
+mod artifact_cli;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -62,6 +64,9 @@ enum Command {
     /// Terminal sessions: list, download a recording, terminate.
     #[command(subcommand, name = "terminal-sessions")]
     TerminalSessions(terminal::SessionsCmd),
+    /// Update artifacts (Mender-compatible): write, read, validate, sign.
+    #[command(subcommand)]
+    Artifact(artifact_cli::ArtifactCmd),
 }
 
 #[derive(Subcommand)]
@@ -596,6 +601,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             seed,
             speed,
         }) => simulate(score, broker, rooms, days, seed, speed).await,
+        Command::Artifact(cmd) => artifact_cli::run(cmd),
         Command::Rooms(RoomsCmd::Eval {
             format,
             train,
