@@ -114,10 +114,9 @@ impl Connection {
 }
 
 impl Client {
-    async fn send<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> anyhow::Result<T> {
+    /// Sends `request` with the token; an answer other than 2xx becomes an [`ApiError`] with
+    /// the server's reason.
+    async fn answer(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let response = request
             .bearer_auth(&self.token)
             .send()
@@ -125,10 +124,7 @@ impl Client {
             .with_context(|| format!("cannot reach the server at {}", self.base))?;
         let status = response.status();
         if status.is_success() {
-            return response
-                .json()
-                .await
-                .context("unreadable answer from the server");
+            return Ok(response);
         }
         let reason = response
             .json::<serde_json::Value>()
@@ -137,6 +133,17 @@ impl Client {
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or_default();
         Err(ApiError { status, reason }.into())
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        self.answer(request)
+            .await?
+            .json()
+            .await
+            .context("unreadable answer from the server")
     }
 
     /// GET a JSON resource.
@@ -166,22 +173,8 @@ impl Client {
         out: &mut (impl std::io::Write + ?Sized),
     ) -> anyhow::Result<u64> {
         let mut response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
-        let status = response.status();
-        if !status.is_success() {
-            let reason = response
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_default();
-            return Err(ApiError { status, reason }.into());
-        }
+            .answer(self.http.get(format!("{}{path}", self.base)))
+            .await?;
         let mut total = 0u64;
         while let Some(chunk) = response.chunk().await.context("download interrupted")? {
             out.write_all(&chunk).context("writing the download")?;
@@ -192,28 +185,16 @@ impl Client {
 
     /// POST without a body; an empty answer (204) reads as JSON null.
     pub async fn post_empty(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
+        let bytes = self
+            .answer(self.http.post(format!("{}{path}", self.base)))
+            .await?
+            .bytes()
             .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
-        let status = response.status();
-        if status.is_success() {
-            let bytes = response.bytes().await.context("unreadable answer")?;
-            if bytes.is_empty() {
-                return Ok(serde_json::Value::Null);
-            }
-            return serde_json::from_slice(&bytes).context("unreadable answer from the server");
+            .context("unreadable answer")?;
+        if bytes.is_empty() {
+            return Ok(serde_json::Value::Null);
         }
-        let reason = response
-            .json::<serde_json::Value>()
-            .await
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or_default();
-        Err(ApiError { status, reason }.into())
+        serde_json::from_slice(&bytes).context("unreadable answer from the server")
     }
 
     /// PUT a JSON body.
@@ -238,24 +219,9 @@ impl Client {
 
     /// DELETE a resource (the answer has no body).
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
-        let response = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let reason = response
-            .json::<serde_json::Value>()
-            .await
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or_default();
-        Err(ApiError { status, reason }.into())
+        self.answer(self.http.delete(format!("{}{path}", self.base)))
+            .await?;
+        Ok(())
     }
 
     /// PUT or PATCH a JSON body; with `if_version`, only while the resource's ETag is that
