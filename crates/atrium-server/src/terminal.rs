@@ -4,9 +4,11 @@
 //! caller (operator or admin; a cookie caller must come from our own origin, since browsers
 //! cannot send the CSRF header on a WebSocket) may open one, the device is accepted and
 //! connected, the per-device limit and the caller's rate limit allow it, and the agent has
-//! accepted the stream (its refusal is the request's error). On the socket, binary messages are
-//! the terminal's bytes both ways and text messages are [`TerminalControl`] JSON: `session`
-//! first, `resize` from the client, `exit` last.
+//! accepted the stream (its refusal is the request's error; browsers cannot read a refused
+//! handshake's answer, so a browser session allowed to open terminals gets the refusal as the
+//! socket's close instead: code 4000 + the HTTP status, the error as the reason). On the
+//! socket, binary messages are the terminal's bytes both ways and text messages are
+//! [`TerminalControl`] JSON: `session` first, `resize` from the client, `exit` last.
 //!
 //! Memory is bounded end to end: the device may send only the output window
 //! ([`OUTPUT_WINDOW`]) before the server has delivered it to the operator, and the operator's
@@ -33,7 +35,8 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::error::ApiError;
@@ -219,6 +222,40 @@ pub async fn open_terminal(
         check_origin(request.headers())?;
     }
     let upgrade = websocket_upgrade(&mut request)?;
+    let session = match start_session(&ctx, &caller, device_id, query).await {
+        Ok(session) => session,
+        // A browser cannot read the answer to a refused WebSocket handshake, so a browser
+        // session allowed to open terminals hears the refusal on the socket instead.
+        Err(e) if caller.session.is_some() => return refuse_on_socket(upgrade, e),
+        Err(e) => return Err(e),
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_INPUT_MESSAGE))
+        .max_frame_size(Some(MAX_INPUT_MESSAGE));
+    let on_upgrade = upgrade.on_upgrade;
+    tokio::spawn(async move {
+        // A failed upgrade drops the session, which closes it everywhere.
+        if let Ok(upgraded) = on_upgrade.await {
+            let socket = WebSocketStream::from_raw_socket(
+                hyper_util::rt::TokioIo::new(upgraded),
+                WsRole::Server,
+                Some(config),
+            )
+            .await;
+            session.relay(socket).await;
+        }
+    });
+    switching_protocols(&upgrade.accept)
+}
+
+/// Everything of opening a terminal up to the WebSocket: checks, limits, the device's accept,
+/// the recording and the audit entry.
+async fn start_session(
+    ctx: &Arc<Ctx>,
+    caller: &Caller,
+    device_id: String,
+    query: TerminalQuery,
+) -> Result<Session, ApiError> {
     let cols = query.cols.unwrap_or(80);
     let rows = query.rows.unwrap_or(24);
     if !(1..=1000).contains(&cols) || !(1..=1000).contains(&rows) {
@@ -248,7 +285,7 @@ pub async fn open_terminal(
             "device {device_id} is not connected"
         )));
     }
-    let (slot, cancel) = TerminalHub::admit(&ctx, &device_id, &caller.actor)?;
+    let (slot, cancel) = TerminalHub::admit(ctx, &device_id, &caller.actor)?;
 
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
     let (reply_tx, reply_rx) = oneshot::channel();
@@ -328,7 +365,7 @@ pub async fn open_terminal(
         .await?;
     tracing::info!(device = %device_id, actor = %caller.actor, session = %view.id, "terminal opened");
     guard.0 = None;
-    let session = Session {
+    Ok(Session {
         ctx: ctx.clone(),
         _slot: slot,
         cancel,
@@ -339,28 +376,45 @@ pub async fn open_terminal(
         view,
         started: Instant::now(),
         finished: false,
-    };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_INPUT_MESSAGE))
-        .max_frame_size(Some(MAX_INPUT_MESSAGE));
+    })
+}
+
+/// Completes the WebSocket handshake only to close it with the refusal: close code 4000 + the
+/// HTTP status (e.g. 4409 for a device that is offline or refused the terminal, 4429 for the
+/// rate limit) and the error's text as the reason.
+fn refuse_on_socket(upgrade: Upgrade, error: ApiError) -> Result<Response, ApiError> {
+    let mut reason = error.to_string();
+    let status = error.into_response().status().as_u16();
+    // A close frame's reason is at most 123 bytes.
+    while reason.len() > 123 {
+        reason.pop();
+    }
     let on_upgrade = upgrade.on_upgrade;
     tokio::spawn(async move {
-        // A failed upgrade drops the session, which closes it everywhere.
         if let Ok(upgraded) = on_upgrade.await {
-            let socket = WebSocketStream::from_raw_socket(
+            let mut socket = WebSocketStream::from_raw_socket(
                 hyper_util::rt::TokioIo::new(upgraded),
                 WsRole::Server,
-                Some(config),
+                None,
             )
             .await;
-            session.relay(socket).await;
+            let frame = CloseFrame {
+                code: CloseCode::from(4000 + status),
+                reason: reason.into(),
+            };
+            let _ = socket.close(Some(frame)).await;
         }
     });
+    switching_protocols(&upgrade.accept)
+}
+
+/// The handshake's answer: 101 Switching Protocols.
+fn switching_protocols(accept: &str) -> Result<Response, ApiError> {
     Response::builder()
         .status(axum::http::StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, upgrade.accept)
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(axum::body::Body::empty())
         .map_err(|e| ApiError::Internal(format!("building the upgrade answer: {e}")))
 }

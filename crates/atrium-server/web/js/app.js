@@ -84,6 +84,7 @@ const NAV = [
   { page: 'groups', href: 'groups.html', label: 'Enrollment' },
   { page: 'audit', href: 'audit.html', label: 'Audit log' },
   { page: 'users', href: 'users.html', label: 'Users', role: 'admin' },
+  { page: 'sessions', href: 'sessions.html', label: 'Terminal sessions', role: 'operator' },
   { page: 'account', href: 'account.html', label: 'Account' },
 ];
 

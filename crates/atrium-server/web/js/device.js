@@ -48,6 +48,7 @@ function draw(d) {
       drawAudit().catch((e) => flash(e.message, 'error'));
     }));
   }
+  drawTerminalAction(d);
   facts(document.getElementById('identity'), [
     ['Device id', h('code', {}, d.id)],
     ['Serial', d.identity.serial],
@@ -66,6 +67,17 @@ function draw(d) {
       h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Attribute'), h('th', { scope: 'col' }, 'Value'))),
       h('tbody', {}, inv.map(([k, v]) => h('tr', {}, h('th', { scope: 'row' }, k), h('td', { class: 'mono' }, inventoryValue(k, v)))))))
     : h('p', { class: 'muted' }, 'No inventory yet.'));
+}
+
+/** Operators and admins open a shell on an accepted, connected device. */
+function drawTerminalAction(d) {
+  const box = document.getElementById('terminal-action');
+  const possible = can('operator') && d.status === 'accepted' && d.connected;
+  if (possible === (box.childElementCount > 0)) return;
+  box.replaceChildren(...(possible ? [
+    h('a', { class: 'button small', id: 'open-terminal', href: `terminal.html?device=${encodeURIComponent(d.id)}` }, 'Terminal'),
+    h('a', { class: 'button small secondary', href: `sessions.html?device=${encodeURIComponent(d.id)}` }, 'Terminal sessions'),
+  ] : []));
 }
 
 async function drawAudit() {
