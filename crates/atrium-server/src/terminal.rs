@@ -89,38 +89,54 @@ impl TerminalHub {
         device_id: &str,
         actor: &str,
     ) -> Result<(Slot, CancellationToken), ApiError> {
-        let hub = &ctx.terminals;
+        let (id, cancel) = ctx.terminals.reserve(
+            device_id,
+            actor,
+            ctx.config.terminal_max_per_device,
+            ctx.config.terminal_opens_per_minute,
+        )?;
+        Ok((
+            Slot {
+                ctx: ctx.clone(),
+                id,
+            },
+            cancel,
+        ))
+    }
+
+    /// Checks the caller's rate and the device's session limit and records the new session,
+    /// in one step under both locks (opens, then live; nothing takes them the other way):
+    /// opens at the same moment cannot both pass a check that only one of them fits.
+    fn reserve(
+        &self,
+        device_id: &str,
+        actor: &str,
+        max_per_device: u32,
+        opens_per_minute: u32,
+    ) -> Result<(String, CancellationToken), ApiError> {
+        let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = opens.entry(actor.to_owned()).or_default();
+        let now = Instant::now();
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
         {
-            let mut opens = hub.opens.lock().unwrap_or_else(|p| p.into_inner());
-            let recent = opens.entry(actor.to_owned()).or_default();
-            let now = Instant::now();
-            while recent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-            {
-                recent.pop_front();
-            }
-            if recent.len() >= ctx.config.terminal_opens_per_minute as usize {
-                return Err(ApiError::TooManyRequests(format!(
-                    "at most {} terminal sessions a minute; try again shortly",
-                    ctx.config.terminal_opens_per_minute
-                )));
-            }
+            recent.pop_front();
         }
-        let mut live = hub.lock_live();
+        if recent.len() >= opens_per_minute as usize {
+            return Err(ApiError::TooManyRequests(format!(
+                "at most {opens_per_minute} terminal sessions a minute; try again shortly"
+            )));
+        }
+        let mut live = self.lock_live();
         let on_device = live.values().filter(|l| l.device_id == device_id).count();
-        if on_device >= ctx.config.terminal_max_per_device as usize {
+        if on_device >= max_per_device as usize {
             return Err(ApiError::Conflict(format!(
                 "device {device_id} has {on_device} terminal sessions open, the most allowed"
             )));
         }
         // Only sessions given a slot count against the operator's rate.
-        hub.opens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(actor.to_owned())
-            .or_default()
-            .push_back(Instant::now());
+        recent.push_back(now);
         let id = uuid::Uuid::now_v7().to_string();
         let cancel = CancellationToken::new();
         live.insert(
@@ -131,13 +147,7 @@ impl TerminalHub {
                 terminated_by: None,
             },
         );
-        Ok((
-            Slot {
-                ctx: ctx.clone(),
-                id,
-            },
-            cancel,
-        ))
+        Ok((id, cancel))
     }
 
     /// Ends a live session; returns its device, or `None` when no such session is live.
@@ -928,6 +938,70 @@ pub async fn terminate_session(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Many opens at once by one operator: exactly the rate's worth get a slot, and the
+    /// device limit holds across operators.
+    #[test]
+    fn concurrent_opens_never_exceed_the_limits() {
+        for _ in 0..20 {
+            let hub = Arc::new(TerminalHub::default());
+            let start = Arc::new(std::sync::Barrier::new(16));
+            let threads: Vec<_> = (0..16)
+                .map(|i| {
+                    let (hub, start) = (hub.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        // Half the threads are one operator (rate 3), the others each their
+                        // own; all on one device (limit 5).
+                        let actor = if i % 2 == 0 {
+                            "user:alice".to_owned()
+                        } else {
+                            format!("user:op{i}")
+                        };
+                        hub.reserve("dev-1", &actor, 5, 3).map(|_| actor)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = threads
+                .into_iter()
+                .map(|t| t.join().expect("a thread panicked"))
+                .collect();
+            let admitted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(admitted.len(), 5, "the device limit: {results:?}");
+            let alice = admitted
+                .iter()
+                .filter(|a| a.as_str() == "user:alice")
+                .count();
+            assert!(alice <= 3, "alice's rate: {results:?}");
+            assert_eq!(hub.lock_live().len(), 5);
+            let recorded: usize = hub
+                .opens
+                .lock()
+                .expect("lock")
+                .values()
+                .map(VecDeque::len)
+                .sum();
+            assert_eq!(recorded, 5, "only admitted opens count against the rate");
+        }
+    }
+
+    #[test]
+    fn the_rate_refuses_with_429_and_the_device_limit_with_409() {
+        let hub = TerminalHub::default();
+        for _ in 0..2 {
+            hub.reserve("dev-1", "user:bob", 10, 2)
+                .expect("within the limits");
+        }
+        assert!(matches!(
+            hub.reserve("dev-2", "user:bob", 10, 2),
+            Err(ApiError::TooManyRequests(_))
+        ));
+        assert!(matches!(
+            hub.reserve("dev-1", "user:carol", 2, 10),
+            Err(ApiError::Conflict(_))
+        ));
+        assert!(hub.reserve("dev-2", "user:carol", 2, 10).is_ok());
+    }
 
     #[test]
     fn split_sequences_are_joined_and_garbage_replaced() {
