@@ -69,9 +69,15 @@ function row(s) {
     h('td', {}, h('div', { class: 'actions' }, actions)));
 }
 
+let shown = null;
+
 async function draw() {
   const query = deviceFilter ? `?device=${encodeURIComponent(deviceFilter)}&limit=200` : '?limit=200';
   const sessions = await api(`/terminal-sessions${query}`);
+  // Redraw only on a change, or for the running durations of live sessions (keeps the focus).
+  const text = JSON.stringify(sessions);
+  if (text === shown && !sessions.some((s) => !s.ended_ms)) return;
+  shown = text;
   const box = document.getElementById('sessions');
   if (sessions.length === 0) {
     box.replaceChildren(h('p', { class: 'muted' }, 'No terminal sessions yet.'));
