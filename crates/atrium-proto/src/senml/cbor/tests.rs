@@ -142,30 +142,23 @@ fn cbor_means_what_json_means() {
 /// The example of docs/SENSORS.md, byte for byte.
 #[test]
 fn documented_example() {
-    // [{-2: "desk-12:", -3: 1764064800, 0: "co2", 1: "ppm", 2: 612},
-    //  {0: "temperature", 1: "Cel", 2: 21.5}]
-    let bytes = hex(
-        "82 a5 21 68 6465736b2d31323a 22 1a 69257e20 00 63 636f32 01 63 70706d 02 19 0264
-            a3 00 6b 74656d7065726174757265 01 63 43656c 02 f9 4d60",
-    );
-    let want = vec![
-        Record {
-            name: "desk-12:co2".into(),
-            unit: Some("ppm".into()),
-            value: Some(Value::Number(612.0)),
-            sum: None,
-            time_s: 1_764_064_800.0,
-            update_time_s: None,
-        },
-        Record {
-            name: "desk-12:temperature".into(),
-            unit: Some("Cel".into()),
-            value: Some(Value::Number(21.5)),
-            sum: None,
-            time_s: 1_764_064_800.0,
-            update_time_s: None,
-        },
-    ];
+    // [{-2: "room-12-desk:", -3: 1764000000, 0: "co2", 1: "ppm", 2: 812},
+    //  {0: "temperature", 1: "Cel", 2: 21.5}, {0: "humidity", 1: "%RH", 2: 41},
+    //  {0: "motion", 4: true}]
+    let bytes = hex("84
+        a5 21 6d 726f6f6d2d31322d6465736b3a 22 1a 69248100 00 63 636f32 01 63 70706d 02 19 032c
+        a3 00 6b 74656d7065726174757265 01 63 43656c 02 f9 4d60
+        a3 00 68 68756d6964697479 01 63 255248 02 18 29
+        a2 00 66 6d6f74696f6e 04 f5");
+    assert_eq!(bytes.len(), 90);
+    let json = r#"[{"bn":"room-12-desk:","bt":1764000000,"n":"co2","u":"ppm","v":812},
+       {"n":"temperature","u":"Cel","v":21.5},{"n":"humidity","u":"%RH","v":41},
+       {"n":"motion","vb":true}]"#;
+    let want = decode_json(json.as_bytes(), NOW, &Limits::default()).expect("JSON decodes");
+    assert_eq!(want.len(), 4);
+    assert_eq!(want[1].name, "room-12-desk:temperature");
+    assert_eq!(want[3].value, Some(Value::Bool(true)));
+    assert!(want.iter().all(|r| r.time_s == 1_764_000_000.0));
     assert_eq!(cbor(&bytes), Ok(want));
 }
 
