@@ -50,8 +50,82 @@ pub struct Options {
     pub latency_secs: u64,
     pub agent_readings: usize,
     pub agent_pack: usize,
+    /// How the packs published to the agent are written.
+    pub agent_format: SenmlFormat,
+    /// Readings per second published to the agent (0: as fast as the PUBACKs come).
+    pub agent_rate: usize,
     pub server_bin: Option<PathBuf>,
     pub agent_bin: Option<PathBuf>,
+}
+
+/// The SenML representation of the packs published to the agent.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SenmlFormat {
+    Json,
+    Cbor,
+}
+
+impl SenmlFormat {
+    fn name(self) -> &'static str {
+        match self {
+            SenmlFormat::Json => "JSON",
+            SenmlFormat::Cbor => "CBOR",
+        }
+    }
+}
+
+/// RFC 8428 Table 4: the CBOR label of each JSON label the bench writes.
+fn cbor_label(label: &str) -> Option<i64> {
+    Some(match label {
+        "bn" => -2,
+        "bt" => -3,
+        "n" => 0,
+        "u" => 1,
+        "v" => 2,
+        _ => return None,
+    })
+}
+
+/// The same pack in SenML CBOR, as a sensor would write it: integer labels, whole numbers as
+/// integers, other numbers as doubles.
+fn senml_cbor(records: &[Value]) -> anyhow::Result<Vec<u8>> {
+    fn item(e: &mut minicbor::Encoder<Vec<u8>>, v: &Value) -> anyhow::Result<()> {
+        let failed = |e| anyhow!("CBOR: {e}");
+        match v {
+            Value::String(s) => {
+                e.str(s).map_err(failed)?;
+            }
+            Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                (Some(i), _) => {
+                    e.i64(i).map_err(failed)?;
+                }
+                (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                    e.i64(f as i64).map_err(failed)?;
+                }
+                (None, Some(f)) => {
+                    e.f64(f).map_err(failed)?;
+                }
+                (None, None) => bail!("number {n} has no f64"),
+            },
+            Value::Object(map) => {
+                e.map(map.len() as u64).map_err(failed)?;
+                for (k, v) in map {
+                    let label = cbor_label(k).ok_or_else(|| anyhow!("no CBOR label for {k}"))?;
+                    e.i64(label).map_err(failed)?;
+                    item(e, v)?;
+                }
+            }
+            other => bail!("not in a bench pack: {other}"),
+        }
+        Ok(())
+    }
+    let mut e = minicbor::Encoder::new(Vec::new());
+    e.array(records.len() as u64)
+        .map_err(|e| anyhow!("CBOR: {e}"))?;
+    for r in records {
+        item(&mut e, r)?;
+    }
+    Ok(e.into_writer())
 }
 
 /// The quantities every simulated sensor node reports, in turn.
@@ -938,22 +1012,22 @@ async fn drive_agent(
     };
     let cpu_before = (cpu_seconds(pid)?, cpu_seconds(server.pid)?, machine_cpu()?);
     let started = Instant::now();
+    // With a rate, message m goes out at m × (readings per pack / rate) after the start.
+    let interval = (opts.agent_rate > 0).then(|| {
+        Duration::from_secs_f64((pack * QUANTITIES.len()) as f64 / opts.agent_rate as f64)
+    });
+    let mut payload_bytes = 0usize;
     for m in 0..messages {
-        let node = &nodes[m % nodes.len()];
-        // Each node's records are one second apart (the agent's default rate limit) and change
-        // by more than the deadbands, so the filter keeps every one.
-        let round = (m / nodes.len()) as i64;
-        let mut records = Vec::with_capacity(pack * QUANTITIES.len());
-        for k in 0..pack as i64 {
-            let t = base_s + round * pack as i64 + k;
-            let wave = ((round * pack as i64 + k) % 64) as f64;
-            // `bn`/`bt` apply to this record and the ones after it, until set again.
-            records.push(json!({ "bn": format!("{node}:"), "bt": t, "n": "co2", "u": "ppm", "v": 450.0 + 15.0 * wave }));
-            records.push(json!({ "n": "temperature", "u": "Cel", "v": 20.0 + 0.1 * wave }));
-            records.push(json!({ "n": "humidity", "u": "%RH", "v": 30.0 + 0.5 * wave }));
-            records.push(json!({ "n": "motion", "v": wave % 2.0 }));
+        if let Some(interval) = interval {
+            tokio::time::sleep_until((started + interval * m as u32).into()).await;
         }
-        let payload = serde_json::to_vec(&records)?;
+        let node = &nodes[m % nodes.len()];
+        let records = agent_pack_records(node, (m / nodes.len()) as i64, pack, base_s);
+        let payload = match opts.agent_format {
+            SenmlFormat::Json => serde_json::to_vec(&records)?,
+            SenmlFormat::Cbor => senml_cbor(&records)?,
+        };
+        payload_bytes += payload.len();
         client
             .publish(
                 format!("atrium/{gateway}/nodes/{node}/senml"),
@@ -1022,18 +1096,41 @@ async fn drive_agent(
         (cpu_after.0 - cpu_before.0) / stored_s
     );
     println!(
-        "# agent ({name} server): {messages} SenML packs of {} readings ({pack} time steps x {} \
-         quantities) over 8 nodes in 2 rooms, QoS 1; every PUBACK after {mqtt_s:.2} s, all \
+        "# agent ({name} server): {messages} SenML {} packs of {} readings ({pack} time steps x {} \
+         quantities, {} bytes on average) over 8 nodes in 2 rooms, QoS 1, {}; every PUBACK after {mqtt_s:.2} s, all \
          {total} readings stored by the server after {stored_s:.2} s; RSS sampled every 50 ms: \
          peak VmRSS {peak_rss} KB, VmHWM {} KB, at the end {end_rss} KB; idle before {idle_kb} \
          KB; data dir {spool} KB; server CPU {:.2} cores; machine busy {:.0} %",
+        opts.agent_format.name(),
         pack * QUANTITIES.len(),
         QUANTITIES.len(),
+        payload_bytes / messages.max(1),
+        match opts.agent_rate {
+            0 => "as fast as the PUBACKs come".to_owned(),
+            rate => format!("paced at {rate} readings/s"),
+        },
         hwm.max(end_hwm),
         (cpu_after.1 - cpu_before.1) / stored_s,
         100.0 * (cpu_after.2.busy - cpu_before.2.busy) / (cpu_after.2.total - cpu_before.2.total)
     );
     Ok(())
+}
+
+/// One SenML pack for the agent: `pack` time steps of the four quantities of `node`. Each
+/// node's records are one second apart (the agent's default rate limit) and change by more
+/// than the deadbands, so the filter keeps every one.
+fn agent_pack_records(node: &str, round: i64, pack: usize, base_s: i64) -> Vec<Value> {
+    let mut records = Vec::with_capacity(pack * QUANTITIES.len());
+    for k in 0..pack as i64 {
+        let t = base_s + round * pack as i64 + k;
+        let wave = ((round * pack as i64 + k) % 64) as f64;
+        // `bn`/`bt` apply to this record and the ones after it, until set again.
+        records.push(json!({ "bn": format!("{node}:"), "bt": t, "n": "co2", "u": "ppm", "v": 450.0 + 15.0 * wave }));
+        records.push(json!({ "n": "temperature", "u": "Cel", "v": 20.0 + 0.1 * wave }));
+        records.push(json!({ "n": "humidity", "u": "%RH", "v": 30.0 + 0.5 * wave }));
+        records.push(json!({ "n": "motion", "v": wave % 2.0 }));
+    }
+    records
 }
 
 /// VmRSS and VmHWM of `pid`, KB.
@@ -1132,6 +1229,22 @@ fn text(value: &Value, field: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_packs_mean_the_same_in_json_and_cbor() {
+        use atrium_proto::senml::{Format, Limits, decode_cbor, decode_json};
+        let now = 1_764_000_000.0;
+        for round in [0, 1, 17] {
+            let records = agent_pack_records("agent-node-3", round, 10, 1_763_000_000);
+            let json = serde_json::to_vec(&records).expect("JSON");
+            let cbor = senml_cbor(&records).expect("CBOR");
+            assert_eq!(Format::of(&cbor), Format::Cbor);
+            assert!(cbor.len() < json.len(), "{} vs {}", cbor.len(), json.len());
+            let from_json = decode_json(&json, now, &Limits::default()).expect("JSON decodes");
+            assert_eq!(from_json.len(), 40);
+            assert_eq!(decode_cbor(&cbor, now, &Limits::default()), Ok(from_json));
+        }
+    }
 
     #[test]
     fn feed_readings_are_in_order_plausible_and_cover_every_node_and_quantity() {

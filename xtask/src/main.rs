@@ -93,6 +93,12 @@ enum Bench {
         /// Readings per SenML pack published to the agent (at most 1,000).
         #[arg(long, default_value_t = 40)]
         agent_pack: usize,
+        /// How the packs published to the agent are written (SenML JSON or CBOR).
+        #[arg(long, value_enum, default_value = "json")]
+        agent_format: bench_rooms::SenmlFormat,
+        /// Readings per second published to the agent (0: as fast as the PUBACKs come).
+        #[arg(long, default_value_t = 0)]
+        agent_rate: usize,
         /// Use this `atrium` binary instead of building it.
         #[arg(long)]
         server_bin: Option<std::path::PathBuf>,
@@ -176,6 +182,8 @@ fn main() -> anyhow::Result<()> {
                     latency_secs,
                     agent_readings,
                     agent_pack,
+                    agent_format,
+                    agent_rate,
                     server_bin,
                     agent_bin,
                 },
@@ -192,6 +200,8 @@ fn main() -> anyhow::Result<()> {
             latency_secs,
             agent_readings,
             agent_pack,
+            agent_format,
+            agent_rate,
             server_bin,
             agent_bin,
         }),

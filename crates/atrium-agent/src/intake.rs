@@ -1,4 +1,4 @@
-//! Sensor intake: SenML over MQTT in, filtered readings into the spool, rooms updated,
+//! Sensor intake: SenML (JSON or CBOR) over MQTT in, filtered readings into the spool, rooms updated,
 //! room state and events published back to the local broker.
 //!
 //! Messages come from either source (the embedded [`crate::broker`] or a client of an
@@ -39,7 +39,7 @@ pub type Publisher = Arc<dyn Fn(&str, Vec<u8>, bool) + Send + Sync>;
 pub struct Incoming {
     /// The topic it was published to.
     pub topic: String,
-    /// SenML JSON.
+    /// A SenML pack, JSON or CBOR.
     pub payload: Bytes,
     /// Called once the message is dealt with.
     pub ack: Acker,
@@ -150,7 +150,8 @@ impl Pipeline {
             self.filter.count_refusal("bad_node_id");
             return Vec::new();
         }
-        let records = match senml::decode_json(payload, now_ms as f64 / 1000.0, &self.limits) {
+        // JSON or CBOR, told apart by the first byte (`senml::Format::of`).
+        let records = match senml::decode(payload, now_ms as f64 / 1000.0, &self.limits) {
             Ok(records) => records,
             Err(e) => {
                 tracing::debug!(%topic, error = %e, "refused a SenML pack");
@@ -691,6 +692,7 @@ mod pure_tests {
         let cases: &[(&str, &[u8], &str)] = &[
             ("atrium/gw/nodes/n1/x", b"[]", "bad_topic"),
             (topic, b"not json", "senml_json"),
+            (topic, &[0x81, 0xa1, 0x00], "senml_cbor"),
             (
                 "atrium/gw/nodes/bad node/senml",
                 br#"[{"n":"co2","u":"ppm","v":600}]"#,

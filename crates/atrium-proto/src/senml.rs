@@ -1,22 +1,28 @@
-//! SenML (RFC 8428) JSON packs from sensor nodes, and their mapping to Atrium measurements.
+//! SenML (RFC 8428) packs from sensor nodes, JSON or CBOR, and their mapping to Atrium
+//! measurements.
 //!
-//! Sensor nodes publish SenML packs over MQTT; [`decode_json`] resolves a pack (§4.6: base
-//! name concatenation, base time + relative time, base unit, base value, base sum) into
-//! [`Record`]s, and [`to_measurement`] turns one record into a [`Measurement`] the rooms
-//! engine understands. [`encode_json`] writes resolved records back out (simulator, tests).
+//! Sensor nodes publish SenML packs over MQTT; [`decode_json`] and [`decode_cbor`] resolve a
+//! pack (§4.6: base name concatenation, base time + relative time, base unit, base value, base
+//! sum) into [`Record`]s, and [`to_measurement`] turns one record into a [`Measurement`] the
+//! rooms engine understands. [`decode`] picks the representation from the first byte
+//! ([`Format::of`]). [`encode_json`] and [`encode_cbor`] write resolved records back out
+//! (simulator, tests). Both representations share one resolver, so a pack means the same and
+//! is refused for the same reason whichever way it is written; CBOR specifics are in [`cbor`].
 //!
-//! What the decoder refuses, each with the index of the offending record:
+//! What the decoders refuse, each with the index of the offending record:
 //! - payloads, packs and names above [`Limits`] (defaults 64 KiB, 1000 records, 128 bytes);
 //! - `bver` above [`MAX_VERSION`], or not a positive integer;
 //! - names that are empty or break RFC 8428 §4.5.1 (first character alphanumeric, then
 //!   alphanumeric or `-:./_`);
 //! - records with neither a value (`v`, `vs`, `vb`, `vd`) nor a sum, or with two values;
 //! - numbers that are not finite, also after adding a base value, sum or time;
-//! - fields whose label ends in `_` (RFC 8428 §4.4: must-understand) — none is defined yet.
+//! - fields whose label ends in `_` (RFC 8428 §4.4: must-understand) — none is defined yet;
+//! - in CBOR, a map holding the same label twice, and payloads that are not one well-formed
+//!   CBOR item nested at most [`cbor::MAX_DEPTH`] deep.
 //!
 //! Other unknown fields are ignored, as the RFC asks. Times below 2^28 s (after adding the
 //! base time) are relative to the `now_s` the caller passes in, so the decoder never reads
-//! the clock. Only JSON is decoded; the CBOR representation (§6) is not supported.
+//! the clock.
 //!
 //! # Naming convention for measurements
 //! A record's resolved name is `<node><sep><quantity>` where `<sep>` is the **last** `:` or
@@ -32,6 +38,9 @@
 //! ([`QUANTITIES`]); adding an alias or a unit is one line there.
 
 use serde_json::{Map, Value as Json};
+
+pub mod cbor;
+pub use cbor::{decode_cbor, encode_cbor};
 
 use crate::Reading;
 
@@ -100,8 +109,8 @@ pub struct Record {
 /// What was wrong with one record of a pack.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RecordProblem {
-    /// The array element is not a JSON object.
-    #[error("not a JSON object")]
+    /// The array element is not a JSON object (CBOR map).
+    #[error("not a JSON object (CBOR map)")]
     NotAnObject,
     /// A known field with the wrong JSON type.
     #[error("field `{field}` must be a {expected}")]
@@ -146,6 +155,9 @@ pub enum RecordProblem {
     /// `vd` is not base64url without padding.
     #[error("`vd` is not valid base64url")]
     InvalidData,
+    /// A CBOR map holds the same label twice (JSON objects keep the last).
+    #[error("field `{0}` appears twice")]
+    DuplicateField(&'static str),
 }
 
 /// Why a SenML payload could not be decoded or mapped to a measurement.
@@ -162,8 +174,11 @@ pub enum SenmlError {
     /// The payload is not JSON.
     #[error("not valid JSON: {0}")]
     Json(String),
-    /// The payload is JSON but not an array of records.
-    #[error("a SenML pack must be a JSON array of records")]
+    /// The payload is not well-formed CBOR (or nests deeper than [`cbor::MAX_DEPTH`]).
+    #[error("not valid CBOR: {0}")]
+    Cbor(String),
+    /// The payload is JSON or CBOR but not an array of records.
+    #[error("a SenML pack must be an array of records")]
     NotAnArray,
     /// More records than [`Limits::max_records`].
     #[error("pack of {count} records exceeds the limit of {limit}")]
@@ -244,6 +259,7 @@ impl SenmlError {
         match self {
             SenmlError::TooLarge { .. } => "too_large",
             SenmlError::Json(_) => "json",
+            SenmlError::Cbor(_) => "cbor",
             SenmlError::NotAnArray => "not_an_array",
             SenmlError::TooManyRecords { .. } => "too_many_records",
             SenmlError::Record { .. } => "invalid_record",
@@ -267,14 +283,38 @@ struct Base {
     sum: f64,
 }
 
+/// The two SenML representations Atrium accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `application/senml+json` (RFC 8428 §5).
+    Json,
+    /// `application/senml+cbor` (RFC 8428 §6).
+    Cbor,
+}
+
+impl Format {
+    /// Tells the representation from the first byte: 0x80 and above is CBOR (an array is
+    /// 0x80..=0x9f, the self-described CBOR tag starts 0xd9), anything else is JSON (a pack
+    /// starts with `[`, possibly after whitespace, all below 0x80).
+    pub fn of(payload: &[u8]) -> Format {
+        match payload.first() {
+            Some(&b) if b >= 0x80 => Format::Cbor,
+            _ => Format::Json,
+        }
+    }
+}
+
+/// Decodes a SenML pack in either representation, told apart by [`Format::of`].
+pub fn decode(payload: &[u8], now_s: f64, limits: &Limits) -> Result<Vec<Record>, SenmlError> {
+    match Format::of(payload) {
+        Format::Json => decode_json(payload, now_s, limits),
+        Format::Cbor => decode_cbor(payload, now_s, limits),
+    }
+}
+
 /// Decodes and resolves a SenML JSON pack; `now_s` (Unix seconds) anchors relative times.
 pub fn decode_json(payload: &[u8], now_s: f64, limits: &Limits) -> Result<Vec<Record>, SenmlError> {
-    if payload.len() > limits.max_payload_bytes {
-        return Err(SenmlError::TooLarge {
-            bytes: payload.len(),
-            limit: limits.max_payload_bytes,
-        });
-    }
+    check_size(payload, limits)?;
     // serde_json limits nesting depth (128), so hostile input cannot exhaust the stack.
     let json: Json =
         serde_json::from_slice(payload).map_err(|e| SenmlError::Json(e.to_string()))?;
@@ -290,51 +330,152 @@ pub fn decode_json(payload: &[u8], now_s: f64, limits: &Limits) -> Result<Vec<Re
     let mut base = Base::default();
     let mut records = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
-        let record = resolve(item, &mut base, now_s, limits)
+        let record = json_fields(item)
+            .and_then(|fields| resolve(&fields, &mut base, now_s, limits))
             .map_err(|problem| SenmlError::Record { index, problem })?;
         records.push(record);
     }
     Ok(records)
 }
 
+fn check_size(payload: &[u8], limits: &Limits) -> Result<(), SenmlError> {
+    if payload.len() > limits.max_payload_bytes {
+        return Err(SenmlError::TooLarge {
+            bytes: payload.len(),
+            limit: limits.max_payload_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// One field of a record as it arrived, whatever the representation.
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Str(&'a str),
+    /// A non-negative integer (the only form `bver` may take).
+    Uint(u64),
+    /// Any other number, possibly not finite.
+    Num(f64),
+    Bool(bool),
+    /// A CBOR byte string (how CBOR carries `vd`).
+    Bytes(&'a [u8]),
+    /// Anything else: null, arrays, maps, unknown tags.
+    Other,
+}
+
+/// The fields RFC 8428 defines, taken out of a JSON object or a CBOR map.
+#[derive(Default)]
+struct Fields<'a> {
+    bver: Option<Field<'a>>,
+    bn: Option<Field<'a>>,
+    bt: Option<Field<'a>>,
+    bu: Option<Field<'a>>,
+    bv: Option<Field<'a>>,
+    bs: Option<Field<'a>>,
+    n: Option<Field<'a>>,
+    u: Option<Field<'a>>,
+    v: Option<Field<'a>>,
+    vs: Option<Field<'a>>,
+    vb: Option<Field<'a>>,
+    s: Option<Field<'a>>,
+    t: Option<Field<'a>>,
+    ut: Option<Field<'a>>,
+    vd: Option<Field<'a>>,
+    /// The first must-understand label (ending in `_`) seen.
+    must_understand: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    /// The slot of a JSON label, or of a CBOR integer label (RFC 8428 §6, Table 4).
+    fn slot(&mut self, label: Label<'_>) -> Option<(&'static str, &mut Option<Field<'a>>)> {
+        let (name, slot) = match label {
+            Label::Int(-1) | Label::Text("bver") => ("bver", &mut self.bver),
+            Label::Int(-2) | Label::Text("bn") => ("bn", &mut self.bn),
+            Label::Int(-3) | Label::Text("bt") => ("bt", &mut self.bt),
+            Label::Int(-4) | Label::Text("bu") => ("bu", &mut self.bu),
+            Label::Int(-5) | Label::Text("bv") => ("bv", &mut self.bv),
+            Label::Int(-6) | Label::Text("bs") => ("bs", &mut self.bs),
+            Label::Int(0) | Label::Text("n") => ("n", &mut self.n),
+            Label::Int(1) | Label::Text("u") => ("u", &mut self.u),
+            Label::Int(2) | Label::Text("v") => ("v", &mut self.v),
+            Label::Int(3) | Label::Text("vs") => ("vs", &mut self.vs),
+            Label::Int(4) | Label::Text("vb") => ("vb", &mut self.vb),
+            Label::Int(5) | Label::Text("s") => ("s", &mut self.s),
+            Label::Int(6) | Label::Text("t") => ("t", &mut self.t),
+            Label::Int(7) | Label::Text("ut") => ("ut", &mut self.ut),
+            Label::Int(8) | Label::Text("vd") => ("vd", &mut self.vd),
+            _ => return None,
+        };
+        Some((name, slot))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Label<'k> {
+    Int(i64),
+    Text(&'k str),
+}
+
+fn json_fields(item: &Json) -> Result<Fields<'_>, RecordProblem> {
+    let obj = item.as_object().ok_or(RecordProblem::NotAnObject)?;
+    let mut fields = Fields::default();
+    for (key, value) in obj {
+        if key.ends_with('_') {
+            fields.must_understand.get_or_insert(key);
+            continue;
+        }
+        let Some((_, slot)) = fields.slot(Label::Text(key)) else {
+            continue;
+        };
+        *slot = Some(match value {
+            Json::String(s) => Field::Str(s),
+            Json::Bool(b) => Field::Bool(*b),
+            // Without arbitrary precision every JSON number has an f64 (possibly infinite).
+            Json::Number(n) => match n.as_u64() {
+                Some(u) => Field::Uint(u),
+                None => Field::Num(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            _ => Field::Other,
+        });
+    }
+    Ok(fields)
+}
+
 fn resolve(
-    item: &Json,
+    fields: &Fields<'_>,
     base: &mut Base,
     now_s: f64,
     limits: &Limits,
 ) -> Result<Record, RecordProblem> {
-    let obj = item.as_object().ok_or(RecordProblem::NotAnObject)?;
-    for key in obj.keys() {
-        if key.ends_with('_') {
-            return Err(RecordProblem::MustUnderstand(key.clone()));
-        }
+    if let Some(label) = fields.must_understand {
+        return Err(RecordProblem::MustUnderstand(label.to_owned()));
     }
-    if let Some(v) = obj.get("bver") {
-        let version = v
-            .as_u64()
-            .filter(|&n| n > 0)
-            .ok_or(RecordProblem::InvalidVersion)?;
+    if let Some(v) = fields.bver {
+        let version = match v {
+            Field::Uint(n) if n > 0 => n,
+            _ => return Err(RecordProblem::InvalidVersion),
+        };
         if version > MAX_VERSION {
             return Err(RecordProblem::UnsupportedVersion(version));
         }
     }
-    if let Some(bn) = string(obj, "bn")? {
+    if let Some(bn) = string(fields.bn, "bn")? {
         base.name = bn.to_owned();
     }
-    if let Some(bt) = number(obj, "bt")? {
+    if let Some(bt) = number(fields.bt, "bt")? {
         base.time = bt;
     }
-    if let Some(bu) = string(obj, "bu")? {
+    if let Some(bu) = string(fields.bu, "bu")? {
         base.unit = Some(bu.to_owned());
     }
-    if let Some(bv) = number(obj, "bv")? {
+    if let Some(bv) = number(fields.bv, "bv")? {
         base.value = bv;
     }
-    if let Some(bs) = number(obj, "bs")? {
+    if let Some(bs) = number(fields.bs, "bs")? {
         base.sum = bs;
     }
 
-    let n = string(obj, "n")?.unwrap_or("");
+    let n = string(fields.n, "n")?.unwrap_or("");
     let len = base.name.len() + n.len();
     if len == 0 {
         return Err(RecordProblem::EmptyName);
@@ -350,31 +491,42 @@ fn resolve(
     if !valid_name(&name) {
         return Err(RecordProblem::InvalidName(name));
     }
-    let unit = match string(obj, "u")? {
+    let unit = match string(fields.u, "u")? {
         Some(u) => Some(u.to_owned()),
         None => base.unit.clone(),
     };
 
     let mut values = Vec::with_capacity(1);
-    if let Some(v) = number(obj, "v")? {
+    if let Some(v) = number(fields.v, "v")? {
         values.push(Value::Number(finite("v", base.value + v)?));
     }
-    if let Some(vs) = string(obj, "vs")? {
+    if let Some(vs) = string(fields.vs, "vs")? {
         values.push(Value::String(vs.to_owned()));
     }
-    if let Some(vb) = obj.get("vb") {
-        let b = vb.as_bool().ok_or(RecordProblem::FieldType {
-            field: "vb",
-            expected: "boolean",
-        })?;
+    if let Some(vb) = fields.vb {
+        let Field::Bool(b) = vb else {
+            return Err(RecordProblem::FieldType {
+                field: "vb",
+                expected: "boolean",
+            });
+        };
         values.push(Value::Bool(b));
     }
-    if let Some(vd) = string(obj, "vd")? {
-        values.push(Value::Data(
+    match fields.vd {
+        None => {}
+        // JSON carries data as base64url text, CBOR as a byte string (RFC 8428 §6).
+        Some(Field::Str(vd)) => values.push(Value::Data(
             base64url_decode(vd).ok_or(RecordProblem::InvalidData)?,
-        ));
+        )),
+        Some(Field::Bytes(vd)) => values.push(Value::Data(vd.to_vec())),
+        Some(_) => {
+            return Err(RecordProblem::FieldType {
+                field: "vd",
+                expected: "string",
+            });
+        }
     }
-    let sum = match number(obj, "s")? {
+    let sum = match number(fields.s, "s")? {
         Some(s) => Some(finite("s", base.sum + s)?),
         None => None,
     };
@@ -386,11 +538,11 @@ fn resolve(
         return Err(RecordProblem::NoValue);
     }
 
-    let mut time_s = finite("t", base.time + number(obj, "t")?.unwrap_or(0.0))?;
+    let mut time_s = finite("t", base.time + number(fields.t, "t")?.unwrap_or(0.0))?;
     if time_s < RELATIVE_TIME_LIMIT_S {
         time_s = finite("t", now_s + time_s)?;
     }
-    let update_time_s = number(obj, "ut")?;
+    let update_time_s = number(fields.ut, "ut")?;
     Ok(Record {
         name,
         unit,
@@ -402,28 +554,26 @@ fn resolve(
 }
 
 fn string<'a>(
-    obj: &'a Map<String, Json>,
-    field: &'static str,
+    field: Option<Field<'a>>,
+    label: &'static str,
 ) -> Result<Option<&'a str>, RecordProblem> {
-    match obj.get(field) {
+    match field {
         None => Ok(None),
-        Some(Json::String(s)) => Ok(Some(s)),
+        Some(Field::Str(s)) => Ok(Some(s)),
         Some(_) => Err(RecordProblem::FieldType {
-            field,
+            field: label,
             expected: "string",
         }),
     }
 }
 
-fn number(obj: &Map<String, Json>, field: &'static str) -> Result<Option<f64>, RecordProblem> {
-    match obj.get(field) {
+fn number(field: Option<Field<'_>>, label: &'static str) -> Result<Option<f64>, RecordProblem> {
+    match field {
         None => Ok(None),
-        Some(Json::Number(n)) => {
-            let v = n.as_f64().ok_or(RecordProblem::NonFinite(field))?;
-            finite(field, v).map(Some)
-        }
+        Some(Field::Uint(u)) => Ok(Some(u as f64)),
+        Some(Field::Num(v)) => finite(label, v).map(Some),
         Some(_) => Err(RecordProblem::FieldType {
-            field,
+            field: label,
             expected: "number",
         }),
     }

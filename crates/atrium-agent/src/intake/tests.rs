@@ -487,3 +487,145 @@ async fn room_publishes_beyond_the_client_queue_all_arrive() {
     }
     driver.abort();
 }
+
+/// A SenML CBOR pack as a sensor writes it: base name and time, integer and half-float values.
+/// `[{-2: "desk-1:", -3: bt, 0: "co2", 1: "ppm", 2: co2}, {0: "temperature", 1: "Cel", 2: 21.5}]`
+fn cbor_pack(bt: u32, co2: i16) -> Vec<u8> {
+    let mut b = vec![0x82, 0xa5, 0x21, 0x67];
+    b.extend(b"desk-1:");
+    b.extend([0x22, 0x1a]);
+    b.extend(bt.to_be_bytes());
+    b.extend([0x00, 0x63]);
+    b.extend(b"co2");
+    b.extend([0x01, 0x63]);
+    b.extend(b"ppm");
+    b.push(0x02);
+    if co2 >= 0 {
+        b.push(0x19);
+        b.extend((co2 as u16).to_be_bytes());
+    } else {
+        b.push(0x39);
+        b.extend(((-1 - co2) as u16).to_be_bytes());
+    }
+    b.extend([0xa3, 0x00, 0x6b]);
+    b.extend(b"temperature");
+    b.extend([0x01, 0x63]);
+    b.extend(b"Cel");
+    b.extend([0x02, 0xf9, 0x4d, 0x60]);
+    b
+}
+
+/// `mosquitto_pub -f FILE` of raw bytes, QoS 1.
+async fn mosquitto_pub_file(topic: &str, file: &std::path::Path, bytes: &[u8]) {
+    std::fs::write(file, bytes).expect("write the pack");
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-f",
+        ])
+        .arg(file)
+        .output()
+        .await
+        .expect("mosquitto_pub runs");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn cbor_packs_from_real_mosquitto_pub() {
+    mosquitto_or_fail();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("pack.cbor");
+    let unique = format!("test-cbor-{}-{}", std::process::id(), crate::now_ms());
+    let config = crate::AgentConfig {
+        data_dir: dir.path().join("data"),
+        mqtt_mode: MqttMode::External,
+        mqtt_broker: "127.0.0.1:1883".into(),
+        gateway_name: unique.clone(),
+        ..crate::AgentConfig::default()
+    };
+    let mut started = start_intake(&config, Assignment::from_twin_json(TWIN).expect("twin")).await;
+    let topic = format!("atrium/{unique}/nodes/desk-1/senml");
+    // The subscription is set up after the agent connects: publish until one pack arrives,
+    // each 10 s later and 50 ppm higher than the one before so the filter keeps it.
+    let base = 1_764_000_000u32;
+    let mut sent = 0u32;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while started.status.borrow().spooled == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing arrived via Mosquitto"
+        );
+        let pack = cbor_pack(base + sent * 10, 900 + 50 * sent as i16);
+        mosquitto_pub_file(&topic, &file, &pack).await;
+        sent += 1;
+        let _ = tokio::time::timeout(Duration::from_millis(300), started.status.changed()).await;
+    }
+    let before = started.status.borrow().clone();
+    assert_eq!(before.filter.refused.get("senml_cbor"), None, "{before:?}");
+
+    // A malformed pack (truncated), a pack with one record out of range, then a good one:
+    // the malformed one is counted as `senml_cbor`, the bad record as `senml_out_of_range`,
+    // and nothing good is lost (the good pack's temperature repeats the one before 10 s
+    // earlier, so the deadband keeps only its CO2).
+    let good = cbor_pack(base + 1010, 1500);
+    mosquitto_pub_file(&topic, &file, &good[..good.len() - 5]).await;
+    mosquitto_pub_file(&topic, &file, &cbor_pack(base + 1000, -5)).await;
+    mosquitto_pub_file(&topic, &file, &good).await;
+    let status = wait_status(&mut started.status, "the three packs", |s| {
+        s.messages >= before.messages + 3
+            && s.filter.refused.get("senml_cbor") == Some(&1)
+            && s.spooled >= before.spooled + 2
+    })
+    .await;
+    assert_eq!(
+        status.filter.refused.get("senml_out_of_range"),
+        Some(&1),
+        "{status:?}"
+    );
+
+    // The readings reached the spool: the link's batches carry the last good pack's co2.
+    let mut readings = Vec::new();
+    while !readings
+        .iter()
+        .any(|r: &atrium_proto::Reading| r.name == "co2" && r.value == 1500.0)
+    {
+        let batch = tokio::time::timeout(Duration::from_secs(5), started.running.forwarder.ready())
+            .await
+            .expect("a batch");
+        readings.extend(batch.readings.iter().cloned());
+        started.running.forwarder.acked(batch.batch_seq).await;
+    }
+    let co2 = readings
+        .iter()
+        .find(|r| r.name == "co2" && r.value == 1500.0)
+        .expect("co2 reading");
+    assert_eq!(co2.node, "desk-1");
+    assert_eq!(co2.time_ms, i64::from(base + 1010) * 1000);
+    assert!(
+        readings.iter().any(|r| r.name == "temperature"
+            && r.value == 21.5
+            && r.time_ms == i64::from(base + 1000) * 1000),
+        "the good record of the pack with a bad one: {readings:?}"
+    );
+    // The rooms engine took them too.
+    assert!(
+        status.rooms.accepted >= before.rooms.accepted + 2,
+        "{status:?}"
+    );
+
+    started.stop.cancel();
+    for task in started.running.tasks {
+        task.await.expect("task ends");
+    }
+}

@@ -180,9 +180,9 @@ fn refusals_name_the_record_and_reason() {
     let cases = [
         (
             r#"{"n":"a","v":1}"#,
-            "a SenML pack must be a JSON array of records",
+            "a SenML pack must be an array of records",
         ),
-        ("[1]", "record 0: not a JSON object"),
+        ("[1]", "record 0: not a JSON object (CBOR map)"),
         (
             r#"[{"n":"a","v":1},{"n":"b","v":1},{"n":"c","v":1},{"n":"x y","v":1}]"#,
             "record 3: name `x y` has invalid characters",
@@ -528,7 +528,7 @@ fn arb_finite() -> impl Strategy<Value = f64> {
     ]
 }
 
-fn arb_record() -> impl Strategy<Value = Record> {
+pub(super) fn arb_record() -> impl Strategy<Value = Record> {
     let value = prop_oneof![
         arb_finite().prop_map(Value::Number),
         any::<String>().prop_map(Value::String),
@@ -556,7 +556,7 @@ fn arb_record() -> impl Strategy<Value = Record> {
         })
 }
 
-fn arb_json() -> impl Strategy<Value = Json> {
+pub(super) fn arb_json() -> impl Strategy<Value = Json> {
     let key = prop_oneof![
         Just("bn".to_owned()),
         Just("bt".to_owned()),
