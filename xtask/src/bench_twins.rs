@@ -392,7 +392,8 @@ async fn make_group(server: &Server, ids: &[String]) -> anyhow::Result<()> {
         "creating the group: {}",
         created.status()
     );
-    for chunk in ids.chunks(10_000) {
+    // Several requests: the API limits the size of a request body.
+    for chunk in ids.chunks(1_000) {
         let added = server
             .http
             .post(format!("{api}/api/v1/groups/{GROUP}/members"))
