@@ -257,10 +257,11 @@ async fn bench_backend(
             percentile_ms(&mut latencies, 99.0),
             percentile_ms(&mut latencies, 100.0),
         );
+        let delivered_p50 = percentile_ms(&mut delivered, 50.0);
         let delivered_p99 = percentile_ms(&mut delivered, 99.0);
         println!(
             "# {name} round {round}: PATCH answered in {:.0} ms; {} of {} applied, p50 {p50:.0} ms, \
-             p99 {p99:.0} ms, all in {:.0} ms; desired received by {} agents, p99 {delivered_p99:.0} ms",
+             p99 {p99:.0} ms, all in {:.0} ms; desired received by {} agents, p50 {delivered_p50:.0} ms, p99 {delivered_p99:.0} ms",
             answered.as_secs_f64() * 1000.0,
             applied.len(),
             ids.len(),
