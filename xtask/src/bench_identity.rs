@@ -55,7 +55,7 @@ pub struct Options {
 }
 
 /// Set in the environment of the re-executed xtask whose file-descriptor limit was raised.
-const NOFILE_RAISED: &str = "ATRIUM_XTASK_NOFILE_RAISED";
+pub(crate) const NOFILE_RAISED: &str = "ATRIUM_XTASK_NOFILE_RAISED";
 /// Distinct loopback source addresses the links come from (127.0.0.2 onwards).
 const SOURCE_ADDRESSES: usize = 64;
 /// How often an idle link says something, well inside the server's 90 s silence limit.
@@ -843,7 +843,7 @@ pub(crate) fn build_release(package: &str, bin: &str) -> anyhow::Result<PathBuf>
 // The machine: descriptors, memory, CPU.
 
 /// Soft and hard RLIMIT_NOFILE of this process, from /proc/self/limits.
-fn nofile_limits() -> anyhow::Result<(u64, u64)> {
+pub(crate) fn nofile_limits() -> anyhow::Result<(u64, u64)> {
     let limits =
         std::fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
     let line = limits
@@ -865,7 +865,7 @@ fn nofile_limits() -> anyhow::Result<(u64, u64)> {
 
 /// Raising a limit needs setrlimit, which safe std does not offer: a shell does it
 /// (`ulimit -n`) and executes this program again, so this process and the server inherit it.
-fn reexec_with_raised_nofile() -> anyhow::Result<()> {
+pub(crate) fn reexec_with_raised_nofile() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the xtask binary")?;
     let status = std::process::Command::new("sh")
         .arg("-c")

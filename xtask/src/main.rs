@@ -2,13 +2,15 @@
 //! (enrollment throughput, idle device links) and `cargo xtask bench rooms` the rooms pipeline
 //! (telemetry ingest, reading-to-event latency, the agent's MQTT intake) against the real
 //! `atrium` and `atrium-agent` release binaries, and `cargo xtask bench terminal` the remote
-//! terminal against a local OpenSSH server, printing `name: value unit` lines; results are
+//! terminal against a local OpenSSH server, and `cargo xtask bench twins` the delivery of one
+//! desired-twin patch to 10,000 connected agents, printing `name: value unit` lines; results are
 //! kept in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
 mod bench_identity;
 mod bench_rooms;
 mod bench_terminal;
+mod bench_twins;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -46,6 +48,25 @@ enum Bench {
         concurrency: usize,
         /// Timed enrollment rounds per backend (the median is reported).
         #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Link handshakes in flight while connecting.
+        #[arg(long, default_value_t = 256)]
+        link_concurrency: usize,
+        /// Use this `atrium` binary instead of building it (`cargo build --release -p atrium`).
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+    },
+    /// One desired-twin patch to a group of every connected agent: time until each agent
+    /// applied it and the server stored its report.
+    Twins {
+        /// Simulated agents (devices enrolled, grouped and connected over mutual TLS).
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Which database backends to measure.
+        #[arg(long, value_enum, default_value_t = BackendChoice::Sqlite)]
+        backend: BackendChoice,
+        /// Timed patch rounds per backend (the median is reported).
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Link handshakes in flight while connecting.
         #[arg(long, default_value_t = 256)]
@@ -204,6 +225,22 @@ fn main() -> anyhow::Result<()> {
             agent_rate,
             server_bin,
             agent_bin,
+        }),
+        Command::Bench {
+            bench:
+                Bench::Twins {
+                    agents,
+                    backend,
+                    rounds,
+                    link_concurrency,
+                    server_bin,
+                },
+        } => bench_twins::run(bench_twins::Options {
+            agents: agents.max(1),
+            backends: backend.backends(),
+            rounds: rounds.max(1),
+            link_concurrency: link_concurrency.max(1),
+            server_bin,
         }),
         Command::Bench {
             bench:

@@ -174,61 +174,21 @@ impl Agent {
     /// top-level key goes to its handler (`rooms`: the room assignment, persisted and handed
     /// to the intake); the outcome is persisted and returned as the reported patch to send.
     async fn apply_twin(&self, doc: atrium_proto::TwinDocument) -> Option<atrium_proto::Message> {
-        if doc.section != atrium_proto::TwinSection::Desired || !doc.full {
-            tracing::debug!(
-                version = doc.version,
-                "ignoring a twin patch or reported section"
-            );
-            return None;
-        }
         let applied_version = self.lock_twin().version();
-        if doc.version <= applied_version {
-            tracing::debug!(
-                version = doc.version,
-                applied_version,
-                "desired twin not newer"
-            );
-            return None;
-        }
-        let desired = match atrium_proto::twin::parse(&doc.json) {
-            Ok(map) => map,
-            Err(e) => {
-                tracing::warn!(version = doc.version, error = %e, "desired twin not applied");
-                return None;
-            }
-        };
-        let mut assignment = None;
-        let mut filter = None;
-        let report = twin::process(doc.version, &desired, |key, value| match key {
-            "filter" => Some(filter_from_twin(value).map(|f| {
-                filter = Some(f);
-            })),
-            "rooms" => {
-                let json = serde_json::json!({ "rooms": value }).to_string();
-                Some(match rooms::Assignment::from_twin_json(&json) {
-                    Ok(a) => {
-                        assignment = Some(a);
-                        Ok(())
-                    }
-                    Err(e) => Err(e.to_string()),
-                })
-            }
-            _ => None,
-        });
-        if let Some(assignment) = assignment {
+        let received = twin::receive(applied_version, &doc)?;
+        if let Some(assignment) = received.assignment {
             self.apply_rooms(doc.version, assignment).await;
         }
         // Without a `filter` key the configuration file's settings apply again.
-        let filter = filter.unwrap_or_else(|| self.config.filter.clone());
+        let filter = received
+            .filter
+            .unwrap_or_else(|| self.config.filter.clone());
         self.filters.send_if_modified(|current| {
             let changed = *current != filter;
             *current = filter;
             changed
         });
-        let local = twin::LocalTwin {
-            desired,
-            applied: report,
-        };
+        let local = received.local;
         let dir = self.config.data_dir.clone();
         let to_store = local.clone();
         match tokio::task::spawn_blocking(move || to_store.store(&dir)).await {
@@ -249,12 +209,7 @@ impl Agent {
     }
 
     fn reported_twin_message(&self, json: String) -> atrium_proto::Message {
-        atrium_proto::Message::Twin(atrium_proto::TwinDocument {
-            section: atrium_proto::TwinSection::Reported,
-            version: 0,
-            full: false,
-            json,
-        })
+        twin::reported_message(json)
     }
 
     fn lock_twin(&self) -> std::sync::MutexGuard<'_, twin::LocalTwin> {

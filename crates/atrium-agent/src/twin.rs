@@ -65,6 +65,83 @@ impl LocalTwin {
 /// The decision on one desired key.
 pub type Outcome = Result<(), String>;
 
+/// What the agent decided about a desired twin document from the server, before any side
+/// effect: the twin to keep (and report) and the settings of the keys it handles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// The document and its outcome per key; persist it and send its [`LocalTwin::report_json`].
+    pub local: LocalTwin,
+    /// The `filter` key's settings, when present and valid (absent: the configuration file's).
+    pub filter: Option<crate::filter::FilterConfig>,
+    /// The `rooms` key's room assignment, when present and valid.
+    pub assignment: Option<crate::rooms::Assignment>,
+}
+
+/// Runs a desired twin document through the agent's handlers (`filter`: the sensor filter
+/// settings, `rooms`: the room assignment; any other key is rejected). `None` when the document
+/// is not a whole desired section, is not newer than `applied_version`, or is not a JSON
+/// object (logged): nothing is applied or reported then.
+pub fn receive(applied_version: u64, doc: &atrium_proto::TwinDocument) -> Option<Received> {
+    if doc.section != atrium_proto::TwinSection::Desired || !doc.full {
+        tracing::debug!(
+            version = doc.version,
+            "ignoring a twin patch or reported section"
+        );
+        return None;
+    }
+    if doc.version <= applied_version {
+        tracing::debug!(
+            version = doc.version,
+            applied_version,
+            "desired twin not newer"
+        );
+        return None;
+    }
+    let desired = match atrium_proto::twin::parse(&doc.json) {
+        Ok(map) => map,
+        Err(e) => {
+            tracing::warn!(version = doc.version, error = %e, "desired twin not applied");
+            return None;
+        }
+    };
+    let mut assignment = None;
+    let mut filter = None;
+    let report = process(doc.version, &desired, |key, value| match key {
+        "filter" => Some(crate::filter_from_twin(value).map(|f| {
+            filter = Some(f);
+        })),
+        "rooms" => {
+            let json = serde_json::json!({ "rooms": value }).to_string();
+            Some(match crate::rooms::Assignment::from_twin_json(&json) {
+                Ok(a) => {
+                    assignment = Some(a);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            })
+        }
+        _ => None,
+    });
+    Some(Received {
+        local: LocalTwin {
+            desired,
+            applied: report,
+        },
+        filter,
+        assignment,
+    })
+}
+
+/// The link message carrying a reported patch (`json`, e.g. [`LocalTwin::report_json`]).
+pub fn reported_message(json: String) -> atrium_proto::Message {
+    atrium_proto::Message::Twin(atrium_proto::TwinDocument {
+        section: atrium_proto::TwinSection::Reported,
+        version: 0,
+        full: false,
+        json,
+    })
+}
+
 /// Runs every top-level key of `desired` through `handle` (which returns `None` for keys it
 /// has no handler for) and collects the outcomes for `version`.
 pub fn process(
@@ -121,6 +198,51 @@ mod tests {
         assert!(
             matches!(&report.keys["mystery"], KeyStatus::Rejected { reason } if reason.contains("no handler"))
         );
+    }
+
+    fn desired(version: u64, json: &str) -> atrium_proto::TwinDocument {
+        atrium_proto::TwinDocument {
+            section: atrium_proto::TwinSection::Desired,
+            version,
+            full: true,
+            json: json.into(),
+        }
+    }
+
+    #[test]
+    fn receive_applies_known_keys_and_skips_old_or_partial_documents() {
+        let doc = desired(4, r#"{"filter": {}, "rooms": {}, "mystery": true}"#);
+        let received = receive(3, &doc).expect("newer whole document");
+        assert_eq!(received.local.version(), 4);
+        assert_eq!(received.local.applied.keys["filter"], KeyStatus::Applied);
+        assert_eq!(received.local.applied.keys["rooms"], KeyStatus::Applied);
+        assert!(matches!(
+            &received.local.applied.keys["mystery"],
+            KeyStatus::Rejected { .. }
+        ));
+        assert!(received.filter.is_some());
+        assert!(received.assignment.is_some());
+        // Not newer, a patch, the reported section, garbage: nothing to apply.
+        assert_eq!(receive(4, &doc), None);
+        assert_eq!(receive(5, &doc), None);
+        let patch = atrium_proto::TwinDocument {
+            full: false,
+            ..doc.clone()
+        };
+        assert_eq!(receive(0, &patch), None);
+        let reported = atrium_proto::TwinDocument {
+            section: atrium_proto::TwinSection::Reported,
+            ..doc.clone()
+        };
+        assert_eq!(receive(0, &reported), None);
+        assert_eq!(receive(0, &desired(9, "[1]")), None);
+        // A bad value is rejected with its reason and leaves the setting alone.
+        let bad = receive(0, &desired(2, r#"{"filter": 7}"#)).expect("processed");
+        assert!(matches!(
+            &bad.local.applied.keys["filter"],
+            KeyStatus::Rejected { .. }
+        ));
+        assert_eq!(bad.filter, None);
     }
 
     #[test]

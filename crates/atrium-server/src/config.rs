@@ -101,7 +101,8 @@ pub struct HttpRegistryConfig {
 pub struct MqttBridgeConfig {
     /// Unique name.
     pub name: String,
-    /// `mqtt://host[:port]` (port 1883 by default).
+    /// `mqtt://host[:port]` (port 1883 by default) or, over TLS, `mqtts://host[:port]` (port
+    /// 8883 by default).
     pub url: String,
     /// First level of every topic.
     #[serde(default = "default_topic_prefix")]
@@ -115,12 +116,70 @@ pub struct MqttBridgeConfig {
     /// File holding the password (kept out of the configuration).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password, instead of `password_file`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// `mqtts://` only: PEM file of the CA certificates to trust for the broker (default: the
+    /// system's trusted roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// `mqtts://` only: PEM certificate chain to authenticate with (with `key_file`).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// `mqtts://` only: PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
     /// Mirror room state and room events too.
     #[serde(default = "yes")]
     pub rooms: bool,
     /// Publish every event (lifecycle, connections, twins, rooms) to `<prefix>/events/<type>`.
     #[serde(default = "yes")]
     pub events: bool,
+}
+
+impl MqttBridgeConfig {
+    /// Checks the broker URL and that the TLS and password options fit it and their files
+    /// can be read.
+    pub fn validate(&self) -> Result<(), String> {
+        let broker = crate::integrations::mqtt::parse_url(&self.url)?;
+        let tls_files = [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ];
+        if !broker.tls
+            && let Some((option, _)) = tls_files.iter().find(|(_, f)| f.is_some())
+        {
+            return Err(format!(
+                "{option} needs a TLS broker URL (mqtts://), not {:?}",
+                self.url
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("cert_file and key_file must be set together".into());
+        }
+        if self.password_file.is_some() && self.password_env.is_some() {
+            return Err("set password_file or password_env, not both".into());
+        }
+        if (self.password_file.is_some() || self.password_env.is_some()) && self.username.is_none()
+        {
+            return Err("a password needs a username".into());
+        }
+        let password = [("password_file", &self.password_file)];
+        for (option, file) in tls_files.iter().chain(password.iter()) {
+            if let Some(path) = file
+                && let Err(e) = std::fs::metadata(path)
+            {
+                return Err(format!("{option} {}: {e}", path.display()));
+            }
+        }
+        if let Some(var) = &self.password_env
+            && std::env::var_os(var).is_none()
+        {
+            return Err(format!("password_env: the variable {var} is not set"));
+        }
+        Ok(())
+    }
 }
 
 fn default_topic_prefix() -> String {
@@ -234,6 +293,8 @@ impl ServerConfig {
                         m.topic_prefix
                     ));
                 }
+                m.validate()
+                    .map_err(|e| format!("integration {name:?}: {e}"))?;
             }
         }
         Ok(())
@@ -351,6 +412,80 @@ secret_file = "/etc/atrium/registry.secret"
             ..ServerConfig::default()
         };
         assert!(twice.validate().is_err_and(|e| e.contains("twice")));
+    }
+
+    #[test]
+    fn mqtt_bridge_urls_tls_files_and_passwords_are_checked() {
+        let dir = tempfile::tempdir().expect("dir");
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, "x").expect("write");
+        let missing = dir.path().join("missing.pem");
+        let base = MqttBridgeConfig {
+            name: "b".into(),
+            url: "mqtts://broker".into(),
+            topic_prefix: "atrium".into(),
+            client_id: None,
+            username: None,
+            password_file: None,
+            password_env: None,
+            ca_file: Some(pem.clone()),
+            cert_file: None,
+            key_file: None,
+            rooms: true,
+            events: true,
+        };
+        let check = |change: &dyn Fn(&mut MqttBridgeConfig)| {
+            let mut config = base.clone();
+            change(&mut config);
+            ServerConfig {
+                integrations: vec![IntegrationConfig::Mqtt(config)],
+                ..ServerConfig::default()
+            }
+            .validate()
+        };
+        assert_eq!(check(&|_| {}), Ok(()));
+        assert_eq!(check(&|c| c.ca_file = None), Ok(()));
+        assert!(check(&|c| c.url = "https://broker".into()).is_err_and(|e| e.contains("mqtts://")));
+        assert!(
+            check(&|c| c.url = "mqtts://broker:99999".into()).is_err_and(|e| e.contains("port"))
+        );
+        assert!(check(&|c| c.url = "mqtt://broker".into()).is_err_and(|e| e.contains("ca_file")));
+        assert!(
+            check(&|c| c.ca_file = Some(missing.clone())).is_err_and(|e| e.contains("missing.pem"))
+        );
+        assert!(check(&|c| c.cert_file = Some(pem.clone())).is_err_and(|e| e.contains("together")));
+        assert_eq!(
+            check(&|c| {
+                c.cert_file = Some(pem.clone());
+                c.key_file = Some(pem.clone());
+            }),
+            Ok(())
+        );
+        assert!(
+            check(&|c| {
+                c.cert_file = Some(pem.clone());
+                c.key_file = Some(missing.clone());
+            })
+            .is_err_and(|e| e.contains("key_file"))
+        );
+        assert!(
+            check(&|c| c.password_file = Some(pem.clone())).is_err_and(|e| e.contains("username"))
+        );
+        assert!(
+            check(&|c| {
+                c.username = Some("u".into());
+                c.password_env = Some("ATRIUM_TEST_SURELY_UNSET_VARIABLE".into());
+            })
+            .is_err_and(|e| e.contains("not set"))
+        );
+        assert!(
+            check(&|c| {
+                c.username = Some("u".into());
+                c.password_env = Some("PATH".into());
+                c.password_file = Some(pem.clone());
+            })
+            .is_err_and(|e| e.contains("not both"))
+        );
     }
 
     #[test]

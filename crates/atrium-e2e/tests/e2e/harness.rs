@@ -494,6 +494,29 @@ impl RawLink {
             .expect("send");
     }
 
+    /// The next protocol message within `wait` (pings answered); `None` when none came.
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Message> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            match next {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(bytes))) => {
+                    let message = Frame::decode(&bytes).expect("frame").message;
+                    if let Message::Ping(nonce) = message {
+                        self.send(Message::Pong(nonce)).await;
+                        continue;
+                    }
+                    return Some(message);
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_)))
+                | Some(Ok(tokio_tungstenite::tungstenite::Message::Pong(_))) => {}
+                other => panic!("link ended: {other:?}"),
+            }
+        }
+    }
+
     /// The next protocol message (pings answered, nothing else skipped); panics after 10 s.
     pub async fn recv(&mut self) -> Message {
         loop {

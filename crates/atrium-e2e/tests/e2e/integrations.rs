@@ -342,6 +342,10 @@ async fn mqtt_bridge(backend: Backend) {
             client_id: None,
             username: None,
             password_file: None,
+            password_env: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
             rooms: true,
             events: true,
         })];

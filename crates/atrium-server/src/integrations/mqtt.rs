@@ -19,7 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ClientError, Event as MqttEvent, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ClientError, Event as MqttEvent, MqttOptions, Packet, QoS, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -41,16 +44,38 @@ pub struct MqttBridge {
     client: AsyncClient,
     connected: AtomicBool,
     dropped: AtomicU64,
+    /// Why the last connection attempt failed, for the status API while the broker is away.
+    connect_error: std::sync::Mutex<Option<String>>,
 }
 
-/// Where a broker is, from `mqtt://host[:port]`.
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("{url:?}: only mqtt://host[:port] is supported"))?;
+/// Where a broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    /// Host name or IP address (also the name its TLS certificate must carry).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Whether the connection is TLS (`mqtts://`).
+    pub tls: bool,
+}
+
+/// Where a broker is, from `mqtt://host[:port]` (port 1883 by default) or
+/// `mqtts://host[:port]` (TLS, port 8883 by default).
+pub fn parse_url(url: &str) -> Result<Broker, String> {
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (rest, false)
+    } else {
+        return Err(format!(
+            "{url:?}: only mqtt://host[:port] and mqtts://host[:port] are supported"
+        ));
+    };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return Err(format!("{url:?}: expected mqtt://host[:port]"));
+        return Err(format!(
+            "{url:?}: expected mqtt://host[:port] or mqtts://host[:port]"
+        ));
     }
     // [v6]:port, host:port, host
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
@@ -65,6 +90,7 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
         }
     };
     let port = match port {
+        None if tls => 8883,
         None => 1883,
         Some(p) => p
             .parse::<u16>()
@@ -75,7 +101,94 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
     if host.is_empty() {
         return Err(format!("{url:?}: no host"));
     }
-    Ok((host.to_owned(), port))
+    Ok(Broker {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+/// The TLS client configuration for an `mqtts://` broker: the CA certificates of `ca_file`
+/// (else the system's trusted roots), and the client certificate of `cert_file`/`key_file`
+/// when set.
+pub fn tls_config(config: &MqttBridgeConfig) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let provider = atrium_pki::crypto_provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &config.ca_file {
+        Some(file) => {
+            let pem = std::fs::read(file)
+                .with_context(|| format!("reading the broker CA file {}", file.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert =
+                    cert.with_context(|| format!("parsing the broker CA file {}", file.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("a certificate of {}", file.display()))?;
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "the broker CA file {} holds no certificate",
+                file.display()
+            );
+            builder.with_root_certificates(roots)
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(
+                rustls_platform_verifier::Verifier::new(provider)
+                    .context("loading the system's trusted roots")?,
+            )),
+    };
+    let tls = match (&config.cert_file, &config.key_file) {
+        (Some(cert_file), Some(key_file)) => {
+            let pem = std::fs::read(cert_file).with_context(|| {
+                format!("reading the client certificate {}", cert_file.display())
+            })?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| {
+                    format!("parsing the client certificate {}", cert_file.display())
+                })?;
+            anyhow::ensure!(
+                !chain.is_empty(),
+                "the client certificate file {} holds no certificate",
+                cert_file.display()
+            );
+            // The key is a secret: say which file is wrong, never what it holds.
+            let key = PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|_| anyhow::anyhow!("no usable private key in {}", key_file.display()))?;
+            builder.with_client_auth_cert(chain, key).with_context(|| {
+                format!(
+                    "the client certificate {} and key {}",
+                    cert_file.display(),
+                    key_file.display()
+                )
+            })?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => anyhow::bail!("cert_file and key_file must be set together"),
+    };
+    Ok(Arc::new(tls))
+}
+
+/// The bridge's password, from `password_file` or `password_env` (none: empty).
+fn password(config: &MqttBridgeConfig) -> anyhow::Result<String> {
+    match (&config.password_file, &config.password_env) {
+        (Some(file), _) => super::http::read_secret(file),
+        (None, Some(var)) => {
+            let value = std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("the password variable {var} is not set"))?;
+            anyhow::ensure!(!value.is_empty(), "the password variable {var} is empty");
+            Ok(value)
+        }
+        (None, None) => Ok(String::new()),
+    }
 }
 
 /// A topic level from an id: MQTT wildcards and separators cannot appear in one.
@@ -92,7 +205,15 @@ impl MqttBridge {
 
     async fn retain(&self, topic: String, payload: Vec<u8>) -> Result<(), RegistryError> {
         if !self.connected.load(Ordering::SeqCst) {
-            return Err(RegistryError::Retry("broker not connected".into()));
+            let why = self
+                .connect_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return Err(RegistryError::Retry(match why {
+                Some(why) => format!("broker not connected: {why}"),
+                None => "broker not connected".into(),
+            }));
         }
         self.client
             .publish(topic, QoS::AtLeastOnce, true, payload)
@@ -184,7 +305,7 @@ pub async fn run(
     handle: Arc<Handle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (host, port) = parse_url(&config.url).map_err(anyhow::Error::msg)?;
+    let broker = parse_url(&config.url).map_err(anyhow::Error::msg)?;
     let client_id = config.client_id.clone().unwrap_or_else(|| {
         // Unique per node: two nodes with the same client id would keep disconnecting each other.
         format!(
@@ -193,15 +314,16 @@ pub async fn run(
             rand::random::<u32>() & 0xff_ffff
         )
     });
-    let mut options = MqttOptions::new(client_id, host, port);
+    let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    if broker.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls_config(&config)?,
+        )));
+    }
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(1 << 20, 1 << 20);
     if let Some(user) = &config.username {
-        let password = match &config.password_file {
-            Some(file) => super::http::read_secret(file)?,
-            None => String::new(),
-        };
-        options.set_credentials(user.clone(), password);
+        options.set_credentials(user.clone(), password(&config)?);
     }
     let (client, eventloop) = AsyncClient::new(options, QUEUE);
     let bridge = Arc::new(MqttBridge {
@@ -210,6 +332,7 @@ pub async fn run(
         client,
         connected: AtomicBool::new(false),
         dropped: AtomicU64::new(0),
+        connect_error: std::sync::Mutex::new(None),
     });
     let events = ctx.events.subscribe();
     let rooms = ctx.rooms.subscribe();
@@ -244,6 +367,10 @@ async fn connection(
         match polled {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(integration = %bridge.name, code = ?ack.code, "MQTT bridge connected");
+                *bridge
+                    .connect_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
                 bridge.connected.store(true, Ordering::SeqCst);
                 backoff = Duration::from_millis(500);
                 handle.request_resync();
@@ -261,7 +388,12 @@ async fn connection(
                 } else {
                     tracing::debug!(integration = %bridge.name, error = %e, "MQTT bridge cannot reach its broker");
                 }
-                handle.lock().last_error = Some(format!("broker: {e}"));
+                let why = connection_error(&e);
+                *bridge
+                    .connect_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                handle.lock().last_error = Some(format!("broker: {why}"));
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -270,6 +402,22 @@ async fn connection(
             }
         }
     }
+}
+
+/// A connection failure in words, with the TLS cause (an unknown CA, a refused client
+/// certificate) spelled out rather than hidden behind "I/O error".
+fn connection_error(e: &rumqttc::ConnectionError) -> String {
+    use std::error::Error as _;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 async fn mirror_events(
@@ -342,13 +490,24 @@ mod tests {
 
     #[test]
     fn broker_urls() {
+        let at = |host: &str, port, tls| {
+            Ok(Broker {
+                host: host.into(),
+                port,
+                tls,
+            })
+        };
         assert_eq!(
             parse_url("mqtt://127.0.0.1:1883"),
-            Ok(("127.0.0.1".into(), 1883))
+            at("127.0.0.1", 1883, false)
         );
-        assert_eq!(parse_url("mqtt://broker"), Ok(("broker".into(), 1883)));
-        assert_eq!(parse_url("mqtt://[::1]:1884"), Ok(("::1".into(), 1884)));
-        assert!(parse_url("mqtts://broker").is_err());
+        assert_eq!(parse_url("mqtt://broker"), at("broker", 1883, false));
+        assert_eq!(parse_url("mqtt://[::1]:1884"), at("::1", 1884, false));
+        assert_eq!(parse_url("mqtts://broker"), at("broker", 8883, true));
+        assert_eq!(parse_url("mqtts://broker:8884/"), at("broker", 8884, true));
+        assert!(parse_url("mqtts://").is_err());
+        assert!(parse_url("ssl://broker").is_err());
+        assert!(parse_url("tcp://broker").is_err());
         assert!(parse_url("mqtt://broker:0").is_err());
         assert!(parse_url("mqtt://broker:x").is_err());
         assert!(parse_url("mqtt://user:pw@broker").is_err());
