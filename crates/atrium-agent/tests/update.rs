@@ -1001,3 +1001,79 @@ fn url_install_resumes_a_cut_download_with_range() {
     );
     assert!(seen[2].starts_with("range: bytes="), "{seen:?}");
 }
+
+/// The library API the deployment client builds on: install from any reader, with progress
+/// events and an install log.
+#[test]
+fn installer_api_reports_states_progress_and_log() {
+    use atrium_agent::update::{Event, Installer, Outcome, Settings, UpdateConfig};
+    let d = Device::new();
+    let dest = d.path("etc-app");
+    let a = d.path("a.mender");
+    single_file("conf-2", &dest, "api\n").write(&a, None);
+    let settings = Settings {
+        data_dir: d.path("data"),
+        device_type: DEVICE.into(),
+        update: UpdateConfig {
+            modules_dir: d.path("modules"),
+            scripts_dir: d.path("scripts"),
+            artifact_info: d.path("artifact_info"),
+            ..UpdateConfig::default()
+        },
+    };
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut installer = Installer::new(settings.clone()).expect("installer");
+    let seen = events.clone();
+    installer.on_event(move |e| seen.lock().expect("events").push(e.clone()));
+    // A second installer is refused while the first holds the lock.
+    assert!(Installer::new(settings).is_err());
+    let outcome = installer
+        .install(fs::File::open(&a).expect("artifact"))
+        .expect("install");
+    assert_eq!(
+        outcome,
+        Outcome::AwaitingCommit {
+            artifact_name: "conf-2".into()
+        }
+    );
+    let outcome = installer.commit().expect("commit");
+    assert_eq!(
+        outcome,
+        Outcome::Committed {
+            artifact_name: "conf-2".into()
+        }
+    );
+    let events = events.lock().expect("events").clone();
+    let states: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::State(s) => Some(s.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        ["Download", "ArtifactInstall", "ArtifactCommit", "Cleanup"]
+    );
+    let bytes = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Bytes(n) => Some(*n),
+            _ => None,
+        })
+        .max()
+        .expect("progress");
+    // Everything but the tar's end-of-archive blocks, which carry nothing.
+    let size = fs::metadata(&a).expect("size").len();
+    assert!(bytes <= size && bytes + 1024 >= size, "{bytes} of {size}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Line(l) if l.contains("committed conf-2")))
+    );
+    // The install log of the last update stays readable.
+    let last: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.path("data/update/last.json")).expect("last"))
+            .expect("json");
+    assert!(last["log"].as_array().is_some_and(|l| !l.is_empty()));
+}

@@ -104,7 +104,7 @@ impl RootfsConfig {
                 None,
             )?,
         };
-        let vars: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let vars = parse_env(&text);
         Ok(names
             .iter()
             .map(|n| {
@@ -143,15 +143,12 @@ impl RootfsConfig {
     pub fn booted(&self) -> Result<PathBuf, Error> {
         let cmdline = fs::read_to_string(&self.kernel_cmdline)
             .map_err(|e| Error::Bootloader(format!("{}: {e}", self.kernel_cmdline.display())))?;
-        let root = cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("root="))
-            .ok_or_else(|| {
-                Error::Bootloader(format!(
-                    "{} has no root= parameter",
-                    self.kernel_cmdline.display()
-                ))
-            })?;
+        let root = root_from_cmdline(&cmdline).ok_or_else(|| {
+            Error::Bootloader(format!(
+                "{} has no root= parameter",
+                self.kernel_cmdline.display()
+            ))
+        })?;
         let root = PathBuf::from(root);
         if root == self.part_a || root == self.part_b {
             Ok(root)
@@ -183,6 +180,22 @@ impl RootfsConfig {
             self.part_a.clone()
         }
     }
+}
+
+/// The `NAME=value` lines `fw_printenv` and `grub-editenv list` print.
+pub fn parse_env(text: &str) -> Vec<(&str, &str)> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| !k.is_empty() && !k.contains(char::is_whitespace))
+        .collect()
+}
+
+/// The `root=` parameter of a kernel command line.
+pub fn root_from_cmdline(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("root="))
+        .filter(|r| !r.is_empty())
 }
 
 /// The number a partition's name ends with (`/dev/mmcblk0p3` → 3).
@@ -646,6 +659,40 @@ impl Handler for Empty {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+
+    #[test]
+    fn env_and_cmdline() {
+        assert_eq!(
+            parse_env("mender_boot_part=2\nbootcmd=run a=b\nnoise\n=x\n"),
+            [("mender_boot_part", "2"), ("bootcmd", "run a=b")]
+        );
+        assert_eq!(
+            root_from_cmdline("console=ttyS0 root=/dev/mmcblk0p3 rw"),
+            Some("/dev/mmcblk0p3")
+        );
+        assert_eq!(root_from_cmdline("root= quiet"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn env_round_trip(vars in proptest::collection::vec(("[a-z_]{1,12}", "[ -~]{0,20}"), 0..8)) {
+            let text: String = vars.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+            let parsed = parse_env(&text);
+            prop_assert_eq!(parsed.len(), vars.len());
+            for ((k, v), (pk, pv)) in vars.iter().zip(parsed) {
+                prop_assert_eq!(k.as_str(), pk);
+                prop_assert_eq!(v.as_str(), pv);
+            }
+        }
+
+        #[test]
+        fn cmdline_never_panics(s in ".{0,120}") {
+            let _ = root_from_cmdline(&s);
+            let _ = part_number(Path::new(&s));
+        }
+    }
 
     #[test]
     fn partition_numbers() {

@@ -72,7 +72,8 @@ pub fn start(client: reqwest::Client, url: String, retries: u32) -> HttpSource {
     }
 }
 
-fn content_range_start(value: &str) -> Option<u64> {
+/// The first byte a `Content-Range: bytes START-END/TOTAL` answer holds.
+pub fn content_range_start(value: &str) -> Option<u64> {
     value
         .strip_prefix("bytes ")?
         .split('-')
@@ -171,5 +172,32 @@ async fn fetch(
         let wait = Duration::from_millis(200u64 << failures.min(6));
         tracing::warn!(offset, "download: {why}; retrying in {wait:?}");
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(content_range_start("bytes 100-199/200"), Some(100));
+        assert_eq!(content_range_start("bytes 0-0/1"), Some(0));
+        assert_eq!(content_range_start("bytes */200"), None);
+        assert_eq!(content_range_start("items 1-2/3"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn content_range_round_trip(start in 0u64..u64::MAX / 2, len in 1u64..1 << 40) {
+            let header = format!("bytes {start}-{}/{}", start + len - 1, start + len);
+            prop_assert_eq!(content_range_start(&header), Some(start));
+        }
+
+        #[test]
+        fn content_range_never_panics(s in ".{0,80}") {
+            let _ = content_range_start(&s);
+        }
     }
 }

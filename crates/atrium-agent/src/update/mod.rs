@@ -426,12 +426,16 @@ impl Installer {
             state: None,
             bytes: 0,
         };
+        let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = Counting {
             inner: input,
-            count: 0,
+            count: total.clone(),
             log: self.log.clone(),
         };
         let result = atrium_artifact::read(counted, &options, &mut sink);
+        self.log.event(Event::Bytes(
+            total.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         let mut handler = sink.handler.take();
         let st = sink.state.take();
         let result = result.map_err(|e| match e {
@@ -825,20 +829,21 @@ impl Installer {
     }
 }
 
-/// Counts payload bytes for progress.
+/// Counts the artifact's bytes for progress (an event every MiB).
 struct Counting<R> {
     inner: R,
-    count: u64,
+    count: Arc<std::sync::atomic::AtomicU64>,
     log: Log,
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
         let n = self.inner.read(buf)?;
-        let before = self.count >> 20;
-        self.count += n as u64;
-        if self.count >> 20 != before || n == 0 {
-            self.log.event(Event::Bytes(self.count));
+        let before = self.count.fetch_add(n as u64, Ordering::Relaxed);
+        let after = before + n as u64;
+        if after >> 20 != before >> 20 {
+            self.log.event(Event::Bytes(after));
         }
         Ok(n)
     }
