@@ -427,13 +427,17 @@ impl Download {
     }
 
     fn finish(mut self) -> Result<(), Error> {
+        let what = format!("{} Download", self.name);
         if self.streaming != Some(false) {
-            // An empty read of stream-next: no more streams.
-            if let Some(next) = self.next()? {
+            // An empty read of stream-next: no more streams. A module that already exited
+            // (having read every stream it was given) is fine too; its status decides.
+            let deadline = self.deadline();
+            if let Ok(next) =
+                open_fifo_for_writing(&self.tree.join("stream-next"), &mut self.running, deadline)?
+            {
                 drop(next);
             }
         }
-        let what = format!("{} Download", self.name);
         let status = self.running.wait(self.timeout, &what)?;
         self.running.output();
         if !status.success() {
