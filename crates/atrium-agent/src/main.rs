@@ -105,6 +105,10 @@ struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     factory_key: Option<PathBuf>,
+    /// Update modules directory (default /usr/share/mender/modules/v3).
+    #[arg(long)]
+    #[serde(skip)]
+    modules_dir: Option<PathBuf>,
 }
 
 fn load(config: Option<PathBuf>, flags: impl Serialize) -> anyhow::Result<AgentConfig> {
@@ -231,7 +235,11 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     match cli.command {
         Command::Run(flags) => {
-            let config = load(cli.config, flags)?;
+            let modules_dir = flags.modules_dir.clone();
+            let mut config = load(cli.config, flags)?;
+            if let Some(dir) = modules_dir {
+                config.update.modules_dir = dir;
+            }
             // An update interrupted by a reboot or a power cut continues before anything else.
             let settings = atrium_agent::update::Settings {
                 data_dir: config.data_dir.clone(),

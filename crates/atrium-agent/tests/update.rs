@@ -1077,3 +1077,23 @@ fn installer_api_reports_states_progress_and_log() {
             .expect("json");
     assert!(last["log"].as_array().is_some_and(|l| !l.is_empty()));
 }
+
+/// The daemon's start resumes an update: after the reboot, `atrium-agent run` verifies the new
+/// system before anything else (here it then stops: there is no CA bundle to enroll with).
+#[test]
+fn agent_start_resumes_the_update_after_the_reboot() {
+    let ab = Ab::new();
+    let a = ab.d.path("a.mender");
+    rootfs_artifact(&a, vec![]);
+    assert_eq!(
+        code(&ab.d.agent(&["install", a.to_str().expect("utf8")])),
+        Some(4)
+    );
+    ab.boot();
+    let out = ab.d.agent(&["run", "--ca-file", "/nonexistent/ca.pem"]);
+    assert!(!out.status.success());
+    let p = ab.d.provides();
+    assert_eq!(p["in_progress"]["step"], "await_commit", "{p}");
+    assert_eq!(code(&ab.d.agent(&["commit"])), Some(0));
+    ab.assert_new();
+}
