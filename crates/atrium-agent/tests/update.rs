@@ -1097,3 +1097,63 @@ fn agent_start_resumes_the_update_after_the_reboot() {
     assert_eq!(code(&ab.d.agent(&["commit"])), Some(0));
     ab.assert_new();
 }
+
+/// A payload altered in transit fails the Download state: Download_Error scripts run, the
+/// module's Cleanup runs, nothing is installed and no state is left.
+#[test]
+fn altered_payload_fails_download_and_cleans_up() {
+    let d = Device::new();
+    script(&d.path("modules/streamer"), STREAMING_MODULE);
+    fs::create_dir_all(d.path("installed")).expect("dir");
+    let err_log = d.path("download-error");
+    script(
+        &d.path("scripts/Download_Error_01"),
+        &format!("touch {}", err_log.display()),
+    );
+    let content: Vec<u8> = b"0123456789abcdef".repeat(4096);
+    let spec = WriteSpec {
+        name: "alter-1".into(),
+        device_types: vec![DEVICE.into()],
+        depends_artifact_names: Vec::new(),
+        provides_group: None,
+        depends_groups: Vec::new(),
+        scripts: Vec::new(),
+        payload: PayloadSpec::new(
+            PayloadKind::Module("streamer".into()),
+            vec![FileSource::Memory {
+                name: "one.bin".into(),
+                data: content.clone(),
+            }],
+        ),
+    };
+    let mut bytes = Vec::new();
+    atrium_artifact::write(
+        &spec,
+        &mut bytes,
+        WriteOptions {
+            compression: Compression::None,
+            ..WriteOptions::default()
+        },
+    )
+    .expect("write");
+    let at = bytes
+        .windows(16)
+        .rposition(|w| w == b"0123456789abcdef")
+        .expect("payload bytes");
+    bytes[at] ^= 0x20;
+    let a = d.path("a.mender");
+    fs::write(&a, &bytes).expect("artifact");
+    let out = d.agent(&["install", a.to_str().expect("utf8")]);
+    assert_eq!(code(&out), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checksum"),
+        "the refusal names the checksum"
+    );
+    assert!(err_log.exists(), "Download_Error scripts ran");
+    assert!(!d.path("installed/one.bin").exists());
+    let log = fs::read_to_string(d.path("module.log")).expect("log");
+    assert!(log.lines().any(|l| l == "Cleanup"), "{log}");
+    assert!(!log.lines().any(|l| l == "ArtifactInstall"), "{log}");
+    assert!(!d.in_progress());
+    assert_eq!(d.installed(), "release-1");
+}
