@@ -312,16 +312,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::ShowArtifact(flags) => {
             let (_, settings) = update_settings(cli.config, flags)?;
-            let installer = Installer::new(settings)?;
-            println!("{}", installer.installed()?.artifact_name);
+            println!("{}", settings.installed()?.artifact_name);
             Ok(())
         }
         Command::ShowProvides(flags) => {
             let (_, settings) = update_settings(cli.config, flags)?;
-            let installer = Installer::new(settings)?;
             let out = serde_json::json!({
-                "installed": installer.installed()?,
-                "in_progress": installer.in_progress()?,
+                "installed": settings.installed()?,
+                "in_progress": settings.in_progress()?,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())

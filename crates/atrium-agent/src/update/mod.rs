@@ -209,6 +209,32 @@ pub struct Settings {
     pub update: UpdateConfig,
 }
 
+impl Settings {
+    /// The installed software: the provides store, or the factory's `artifact_info` while no
+    /// update was ever committed. Needs no lock: the store is replaced atomically.
+    pub fn installed(&self) -> Result<Provides, Error> {
+        if let Some(p) = state::read_json(&self.data_dir.join("update/provides.json"))? {
+            return Ok(p);
+        }
+        let name = std::fs::read_to_string(&self.update.artifact_info)
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.trim().strip_prefix("artifact_name=").map(str::to_owned))
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Ok(Provides {
+            artifact_name: name,
+            ..Provides::default()
+        })
+    }
+
+    /// The update in progress, if any.
+    pub fn in_progress(&self) -> Result<Option<UpdateState>, Error> {
+        state::read_json(&self.data_dir.join("update/state.json"))
+    }
+}
+
 /// Installs, resumes, commits and rolls back updates; see the module documentation.
 pub struct Installer {
     settings: Settings,
@@ -279,25 +305,12 @@ impl Installer {
 
     /// The installed software: the provides store, or the factory's `artifact_info`.
     pub fn installed(&self) -> Result<Provides, Error> {
-        if let Some(p) = state::read_json(&self.provides_path())? {
-            return Ok(p);
-        }
-        let name = std::fs::read_to_string(&self.settings.update.artifact_info)
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.trim().strip_prefix("artifact_name=").map(str::to_owned))
-            })
-            .unwrap_or_else(|| "unknown".into());
-        Ok(Provides {
-            artifact_name: name,
-            ..Provides::default()
-        })
+        self.settings.installed()
     }
 
     /// The update in progress, if any.
     pub fn in_progress(&self) -> Result<Option<UpdateState>, Error> {
-        state::read_json(&self.state_path())
+        self.settings.in_progress()
     }
 
     fn save(&self, st: &mut UpdateState) -> Result<(), Error> {
