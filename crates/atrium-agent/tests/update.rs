@@ -1157,3 +1157,68 @@ fn altered_payload_fails_download_and_cleans_up() {
     assert!(!d.in_progress());
     assert_eq!(d.installed(), "release-1");
 }
+
+fn grub_env(file: &Path, args: &[&str]) -> String {
+    let out = Command::new("grub-editenv")
+        .arg(file)
+        .args(args)
+        .output()
+        .expect(
+            "grub-editenv is needed for this test (Debian package grub-common, scripts/ota-deps)",
+        );
+    assert!(out.status.success(), "grub-editenv {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The same A/B update with GRUB's environment block, edited by the real `grub-editenv`.
+#[test]
+fn rootfs_ab_update_with_grub_editenv() {
+    let ab = Ab::new();
+    let dir = ab.d.dir.path().to_owned();
+    let env = dir.join("grubenv");
+    grub_env(&env, &["create"]);
+    grub_env(
+        &env,
+        &[
+            "set",
+            "mender_boot_part=2",
+            "upgrade_available=0",
+            "bootcount=0",
+        ],
+    );
+    ab.d.config(&format!(
+        "[update.rootfs]\npart_a = {:?}\npart_b = {:?}\nbootloader = \"grub\"\ngrub_env_file = {env:?}\nkernel_cmdline = {:?}\n",
+        dir.join("part2"),
+        dir.join("part3"),
+        dir.join("cmdline"),
+    ));
+    let a = ab.d.path("a.mender");
+    rootfs_artifact(&a, vec![]);
+    assert_eq!(
+        code(&ab.d.agent(&["install", a.to_str().expect("utf8")])),
+        Some(4)
+    );
+    let vars = grub_env(&env, &["list"]);
+    for want in ["mender_boot_part=3", "upgrade_available=1", "bootcount=0"] {
+        assert!(
+            vars.lines().any(|l| l == want),
+            "{want} missing from\n{vars}"
+        );
+    }
+    // GRUB boots the new partition.
+    fs::write(
+        dir.join("cmdline"),
+        format!("root={}\n", dir.join("part3").display()),
+    )
+    .expect("cmdline");
+    assert_eq!(code(&ab.d.agent(&["resume"])), Some(0));
+    assert_eq!(code(&ab.d.agent(&["commit"])), Some(0));
+    let vars = grub_env(&env, &["list"]);
+    assert!(vars.lines().any(|l| l == "upgrade_available=0"), "{vars}");
+    assert!(vars.lines().any(|l| l == "mender_boot_part=3"), "{vars}");
+    assert_eq!(
+        fs::read(dir.join("part3")).expect("part3"),
+        NEW.repeat(4096)
+    );
+    assert_eq!(ab.d.installed(), "release-2");
+}
