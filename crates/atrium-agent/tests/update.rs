@@ -1222,3 +1222,55 @@ fn rootfs_ab_update_with_grub_editenv() {
     );
     assert_eq!(ab.d.installed(), "release-2");
 }
+
+/// Power cuts inside module states the A/B matrix cannot reach with scripts: Cleanup (run
+/// again, the update stays committed), and ArtifactInstall of a module without rollback
+/// (the update ends as failed, not as rolled back).
+#[test]
+fn power_cut_inside_module_cleanup_and_install_without_rollback() {
+    for (kill_in, rollback, committed) in
+        [("Cleanup", "Yes", true), ("ArtifactInstall", "No", false)]
+    {
+        let d = Device::new();
+        script(
+            &d.path("modules/killer"),
+            &format!(
+                r#"STATE="$1"; DIR="$(dirname "$0")/.."
+echo "$STATE" >> "$DIR/killer.log"
+case "$STATE" in
+  SupportsRollback) echo {rollback} ;;
+  {kill_in}) [ -e "$DIR/killed" ] || {{ touch "$DIR/killed"; kill -9 $PPID; }} ;;
+esac
+exit 0"#
+            ),
+        );
+        let art = Art::new(
+            "killer-1",
+            PayloadKind::Module("killer".into()),
+            vec![("f", b"x".to_vec())],
+        );
+        let a = d.path("a.mender");
+        art.write(&a, None);
+        let mut out = d.agent(&["install", a.to_str().expect("utf8")]);
+        if rollback == "Yes" {
+            assert_eq!(code(&out), Some(0));
+            out = d.agent(&["commit"]);
+        }
+        assert_eq!(out.status.signal(), Some(9), "killed inside {kill_in}");
+        assert!(d.in_progress());
+        let out = d.agent(&["resume"]);
+        assert_eq!(code(&out), Some(if committed { 0 } else { 1 }));
+        assert!(!d.in_progress());
+        let log = fs::read_to_string(d.path("killer.log")).expect("log");
+        let cleanups = log.lines().filter(|l| *l == "Cleanup").count();
+        if committed {
+            assert_eq!(d.installed(), "killer-1");
+            assert_eq!(cleanups, 2, "Cleanup ran again:\n{log}");
+        } else {
+            assert_eq!(d.installed(), "release-1");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("could not be rolled back"));
+            assert!(log.lines().any(|l| l == "ArtifactFailure"), "{log}");
+            assert!(!log.lines().any(|l| l == "ArtifactRollback"), "{log}");
+        }
+    }
+}
