@@ -1274,3 +1274,45 @@ exit 0"#
         }
     }
 }
+
+/// `NeedsArtifactReboot` = `Automatic`: the agent reboots (here: exit code 4), the module's
+/// ArtifactReboot is not run; after the reboot, ArtifactVerifyReboot and, without rollback
+/// support, the commit follow at once.
+#[test]
+fn automatic_reboot_is_the_agents_job() {
+    let d = Device::new();
+    script(
+        &d.path("modules/auto"),
+        r#"echo "$1" >> "$(dirname "$0")/../auto.log"
+case "$1" in NeedsArtifactReboot) echo Automatic ;; SupportsRollback) echo No ;; esac
+exit 0"#,
+    );
+    let art = Art::new(
+        "auto-1",
+        PayloadKind::Module("auto".into()),
+        vec![("f", b"x".to_vec())],
+    );
+    let a = d.path("a.mender");
+    art.write(&a, None);
+    assert_eq!(
+        code(&d.agent(&["install", a.to_str().expect("utf8")])),
+        Some(4)
+    );
+    assert_eq!(code(&d.agent(&["resume"])), Some(0));
+    assert_eq!(d.installed(), "auto-1");
+    let log = fs::read_to_string(d.path("auto.log")).expect("log");
+    let states: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        states,
+        [
+            "NeedsArtifactReboot",
+            "SupportsRollback",
+            "ProvidePayloadFileSizes",
+            "Download",
+            "ArtifactInstall",
+            "ArtifactVerifyReboot",
+            "ArtifactCommit",
+            "Cleanup"
+        ]
+    );
+}

@@ -623,7 +623,15 @@ impl Installer {
                     scripts.run(state, Action::Enter)?;
                 }
                 let mut handler = self.handler(&payload_type, index)?;
-                let done = handler.state(state);
+                // `Automatic`: the agent reboots the device itself; the module is not asked.
+                let automatic =
+                    matches!(state, State::ArtifactReboot | State::ArtifactRollbackReboot)
+                        && st.payloads.iter().all(|p| p.reboot == "Automatic");
+                let done = if automatic {
+                    Ok(())
+                } else {
+                    handler.state(state)
+                };
                 if failure_path {
                     done?;
                     scripts.run_logged(state, Action::Leave);
