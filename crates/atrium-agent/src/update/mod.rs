@@ -256,7 +256,15 @@ impl Installer {
             );
         }
         let dir = settings.data_dir.join("update");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            // Only the agent's user reads the update state, the install log and the trees.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
+        }
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
