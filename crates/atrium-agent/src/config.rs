@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub spool_max_mb: u64,
     /// Remote terminal settings (`[terminal]`): on/off, shell, user, environment, limits.
     pub terminal: crate::terminal::TerminalConfig,
+    /// Update installation (`[update]`): modules and scripts directories, verification keys,
+    /// timeouts, the A/B partitions and bootloader tools of `rootfs-image`.
+    pub update: crate::update::UpdateConfig,
 }
 
 /// Where sensor readings come from.
@@ -105,6 +108,7 @@ impl Default for AgentConfig {
             telemetry_batch: 500,
             spool_max_mb: 64,
             terminal: crate::terminal::TerminalConfig::default(),
+            update: crate::update::UpdateConfig::default(),
         }
     }
 }

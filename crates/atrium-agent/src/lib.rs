@@ -24,6 +24,7 @@ pub mod rooms;
 pub mod spool;
 pub mod terminal;
 pub mod twin;
+pub mod update;
 
 use std::path::PathBuf;
 use std::sync::Arc;
