@@ -6,6 +6,7 @@
 //! kept in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
+mod bench_artifacts;
 mod bench_identity;
 mod bench_rooms;
 mod bench_terminal;
@@ -145,6 +146,24 @@ impl BackendChoice {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench {
+            bench:
+                Bench::Artifacts {
+                    clients,
+                    megabytes,
+                    seconds,
+                    warmup,
+                    rounds,
+                    server_bin,
+                },
+        } => bench_artifacts::run(bench_artifacts::Options {
+            clients: clients.max(1),
+            megabytes: megabytes.max(1),
+            seconds: seconds.max(1),
+            warmup,
+            rounds: rounds.max(1),
+            server_bin,
+        }),
         Command::Bench {
             bench:
                 Bench::Terminal {
