@@ -101,6 +101,27 @@ enum Bench {
         #[arg(long)]
         agent_bin: Option<std::path::PathBuf>,
     },
+    /// Artifact downloads: the device download path against nginx on the same file.
+    Artifacts {
+        /// Concurrent HTTPS clients.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Size of the artifact's payload in MB.
+        #[arg(long, default_value_t = 64)]
+        megabytes: usize,
+        /// Length of each measurement window in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Seconds of downloading before each window.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Rounds (each measures both servers); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// A release `atrium` binary to use instead of building one.
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+    },
     /// Remote terminal: keystroke-to-echo latency and bulk output throughput through the
     /// server and the agent, and the same through a throwaway local OpenSSH server.
     Terminal {

@@ -194,6 +194,7 @@ impl BlobStore for LocalBlobs {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
