@@ -284,6 +284,14 @@ impl Nginx {
         let www = root.join("www");
         std::fs::create_dir_all(&www)?;
         std::fs::copy(artifact, www.join("bench.mender"))?;
+        // nginx's workers run as an unprivileged user: the copy must be world-readable.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(
+                www.join("bench.mender"),
+                std::fs::Permissions::from_mode(0o644),
+            )?;
+        }
         std::fs::write(root.join("cert.pem"), &identity.chain_pem)?;
         atrium_pki::write_secret_file(&root.join("key.pem"), identity.key_pem.as_bytes())?;
         let addr = free_port()?;
