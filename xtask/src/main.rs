@@ -7,6 +7,7 @@
 //! kept in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
+mod bench_artifacts;
 mod bench_identity;
 mod bench_rooms;
 mod bench_terminal;
@@ -127,6 +128,27 @@ enum Bench {
         #[arg(long)]
         agent_bin: Option<std::path::PathBuf>,
     },
+    /// Artifact downloads: the device download path against nginx on the same file.
+    Artifacts {
+        /// Concurrent HTTPS clients.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Size of the artifact's payload in MB.
+        #[arg(long, default_value_t = 64)]
+        megabytes: usize,
+        /// Length of each measurement window in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Seconds of downloading before each window.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Rounds (each measures both servers); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// A release `atrium` binary to use instead of building one.
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+    },
     /// Remote terminal: keystroke-to-echo latency and bulk output throughput through the
     /// server and the agent, and the same through a throwaway local OpenSSH server.
     Terminal {
@@ -172,6 +194,24 @@ impl BackendChoice {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench {
+            bench:
+                Bench::Artifacts {
+                    clients,
+                    megabytes,
+                    seconds,
+                    warmup,
+                    rounds,
+                    server_bin,
+                },
+        } => bench_artifacts::run(bench_artifacts::Options {
+            clients: clients.max(1),
+            megabytes: megabytes.max(1),
+            seconds: seconds.max(1),
+            warmup,
+            rounds: rounds.max(1),
+            server_bin,
+        }),
         Command::Bench {
             bench:
                 Bench::Terminal {

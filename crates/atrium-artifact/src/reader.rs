@@ -96,6 +96,9 @@ pub struct Header {
     pub payloads: Vec<Payload>,
     pub scripts: Vec<Script>,
     pub signature: SignatureStatus,
+    /// Which of [`ReadOptions::keys`] verified the signature (its index), when one did.
+    #[serde(skip)]
+    pub verified_key: Option<usize>,
     /// The name suffix of `header.tar*`: "", ".gz", ".xz" or ".zst".
     pub compression_suffix: &'static str,
     #[serde(skip)]
@@ -228,16 +231,17 @@ pub fn read<R: Read>(
         (entry, name) = next_member(&mut entries)?
             .ok_or_else(|| Error::format("the artifact ends after `manifest.sig`"))?;
     }
+    let mut verified_key = None;
     let signature = match (signature, options.keys.is_empty()) {
         (None, true) => SignatureStatus::Unsigned,
         (None, false) => return Err(Error::Unsigned),
         (Some(_), true) => SignatureStatus::Unverified,
         (Some(sig), false) => {
-            if options
+            verified_key = options
                 .keys
                 .iter()
-                .any(|k| k.verify_base64(&manifest_bytes, &sig))
-            {
+                .position(|k| k.verify_base64(&manifest_bytes, &sig));
+            if verified_key.is_some() {
                 SignatureStatus::Verified
             } else {
                 return Err(Error::BadSignature);
@@ -271,6 +275,7 @@ pub fn read<R: Read>(
         payloads,
         scripts,
         signature,
+        verified_key,
         compression_suffix: codec.suffix(),
         manifest,
     };

@@ -61,6 +61,12 @@ pub struct ServerConfig {
     pub terminal_max_per_device: u32,
     /// Most terminal sessions one operator may open per minute.
     pub terminal_opens_per_minute: u32,
+    /// Largest artifact upload accepted, in bytes.
+    pub artifact_max_bytes: u64,
+    /// Public keys (PEM) artifacts must be signed with; empty: signatures are not required.
+    pub artifact_verify_keys: Vec<PathBuf>,
+    /// Default lifetime of a signed artifact download link, in seconds.
+    pub artifact_link_ttl_s: u64,
 }
 
 /// One external integration.
@@ -215,6 +221,9 @@ impl Default for ServerConfig {
             terminal_record_input: false,
             terminal_max_per_device: 4,
             terminal_opens_per_minute: 10,
+            artifact_max_bytes: 4 << 30,
+            artifact_verify_keys: Vec::new(),
+            artifact_link_ttl_s: 24 * 3600,
         }
     }
 }

@@ -11,7 +11,9 @@
 
 mod accounts;
 pub mod api;
+pub mod artifacts;
 mod auth;
+pub mod blobs;
 pub mod config;
 mod enroll;
 pub mod events;
@@ -59,6 +61,8 @@ pub struct Ctx {
     pub events: Arc<events::EventBus>,
     /// The external integrations of this node and how they fare.
     pub integrations: Vec<Arc<integrations::Handle>>,
+    /// Update artifacts: blob store, verification keys, download links.
+    pub artifacts: artifacts::Artifacts,
     enroller: enroll::Enroller,
     ingest: ingest::Ingest,
     logins: accounts::LoginGuard,
@@ -111,6 +115,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ca.bundle_pem(),
     )
     .context("writing the CA bundle")?;
+    let artifacts = artifacts::Artifacts::open(&config)?;
     let created_admin_token = auth::bootstrap_admin_token(&store, &config.data_dir).await?;
     accounts::bootstrap_admin_user(&store, &config.data_dir).await?;
     let server_identity = ca
@@ -162,6 +167,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         rooms: hub,
         events: Arc::new(events::EventBus::default()),
         integrations: handles,
+        artifacts,
         enroller,
         ingest,
         logins: accounts::LoginGuard::default(),

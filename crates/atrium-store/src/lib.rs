@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 
 mod admission;
+mod artifacts;
 mod audit;
 mod devices;
 mod enroll;
@@ -49,6 +50,7 @@ mod twins;
 mod users;
 mod webhooks;
 
+pub use artifacts::{ArtifactQuery, ArtifactRecord};
 pub use error::StoreError;
 pub use groups::{DesiredTwin, DesiredWrite, DeviceGroup};
 pub use model::{

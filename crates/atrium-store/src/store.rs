@@ -126,10 +126,16 @@ const MIGRATIONS: &[MigrationFile] = &[
         sqlite: include_str!("../migrations/sqlite/0007_integrations.sql"),
         postgres: include_str!("../migrations/postgres/0007_integrations.sql"),
     },
+    MigrationFile {
+        version: 8,
+        description: "artifacts",
+        sqlite: include_str!("../migrations/sqlite/0008_artifacts.sql"),
+        postgres: include_str!("../migrations/postgres/0008_artifacts.sql"),
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_SCHEMA_VERSION: i64 = 7;
+pub const LATEST_SCHEMA_VERSION: i64 = 8;
 
 /// The file names of the embedded migrations, for the test that keeps the list honest.
 #[doc(hidden)]

@@ -16,6 +16,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Subcommand)]
 pub enum ArtifactCmd {
+    /// The server's artifact store: upload, list, show, delete, download, link.
+    #[command(flatten)]
+    Remote(crate::artifacts_cmd::RemoteCmd),
     /// Writes an artifact.
     #[command(subcommand)]
     Write(Box<WriteCmd>),
@@ -161,6 +164,7 @@ pub struct WriteArgs {
 /// Runs an artifact command.
 pub fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
     match cmd {
+        ArtifactCmd::Remote(_) => bail!("server commands run through artifacts_cmd::run"),
         ArtifactCmd::Write(write_cmd) => match *write_cmd {
             WriteCmd::RootfsImage {
                 file,

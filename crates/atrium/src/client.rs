@@ -100,11 +100,20 @@ impl Connection {
 
     /// Builds a client that trusts only the configured CA.
     pub fn client(&self) -> anyhow::Result<Client> {
+        self.client_with_timeout(Some(Duration::from_secs(60)))
+    }
+
+    /// [`Connection::client`] with another request timeout (none for long transfers, which
+    /// still give up when the connection stalls for a minute).
+    pub fn client_with_timeout(&self, timeout: Option<Duration>) -> anyhow::Result<Client> {
         let (token, tls) = self.credentials()?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
-            .timeout(Duration::from_secs(60))
-            .build()?;
+            .read_timeout(Duration::from_secs(60));
+        if let Some(timeout) = timeout {
+            builder = builder.timeout(timeout);
+        }
+        let http = builder.build()?;
         Ok(Client {
             http,
             base: self.server.trim_end_matches('/').to_owned(),
@@ -180,6 +189,77 @@ impl Client {
             out.write_all(&chunk).context("writing the download")?;
             total += chunk.len() as u64;
         }
+        Ok(total)
+    }
+
+    /// POST a raw update artifact of `len` bytes as a stream.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        len: u64,
+        body: reqwest::Body,
+    ) -> anyhow::Result<T> {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .query(query)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/vnd.mender-artifact",
+                )
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(body),
+        )
+        .await
+    }
+
+    /// GET a download into `output`; a partial `output` from an earlier attempt is resumed
+    /// with a range request (the server answers 206), or rewritten when the server sends the
+    /// whole file. Returns the final size.
+    pub async fn download_resumable(&self, path: &str, output: &Path) -> anyhow::Result<u64> {
+        use std::io::Write as _;
+        let have = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if have > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && have > 0 {
+            // Nothing past what we have: the file is complete.
+            return Ok(have);
+        }
+        let mut response = match status {
+            reqwest::StatusCode::OK | reqwest::StatusCode::PARTIAL_CONTENT => response,
+            _ => {
+                let reason = response
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(ApiError { status, reason }.into());
+            }
+        };
+        let append = status == reqwest::StatusCode::PARTIAL_CONTENT;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(output)
+            .with_context(|| format!("opening {}", output.display()))?;
+        let mut total = if append { have } else { 0 };
+        while let Some(chunk) = response.chunk().await.context("download interrupted")? {
+            file.write_all(&chunk).context("writing the download")?;
+            total += chunk.len() as u64;
+        }
+        file.sync_all().context("writing the download")?;
         Ok(total)
     }
 

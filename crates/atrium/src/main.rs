@@ -4,6 +4,7 @@
 use atrium::{client, demo, terminal};
 
 mod artifact_cli;
+mod artifacts_cmd;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -64,7 +65,8 @@ enum Command {
     /// Terminal sessions: list, download a recording, terminate.
     #[command(subcommand, name = "terminal-sessions")]
     TerminalSessions(terminal::SessionsCmd),
-    /// Update artifacts (Mender-compatible): write, read, validate, sign.
+    /// Update artifacts (Mender-compatible): write, read, validate, sign; upload to, list,
+    /// show, delete and download from the server.
     #[command(subcommand)]
     Artifact(artifact_cli::ArtifactCmd),
 }
@@ -601,6 +603,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             seed,
             speed,
         }) => simulate(score, broker, rooms, days, seed, speed).await,
+        Command::Artifact(artifact_cli::ArtifactCmd::Remote(cmd)) => artifacts_cmd::run(cmd).await,
         Command::Artifact(cmd) => artifact_cli::run(cmd),
         Command::Rooms(RoomsCmd::Eval {
             format,

@@ -4,6 +4,7 @@
 //! without it the PostgreSQL half fails with instructions, unless `ATRIUM_SKIP_POSTGRES=1`.
 
 mod accounts;
+mod artifacts;
 mod dashboard_bench;
 mod demo;
 mod groups;

@@ -83,6 +83,7 @@ async fn dashboard_in_a_browser() {
         .clone()
         .expect("the demo's server writes the first admin's password");
     wait_pending(&demo).await;
+    let artifact = web_artifact(dir.path());
 
     let mut node = tokio::process::Command::new("node");
     node.args(["--test", "--test-concurrency=1", "tests/web/"])
@@ -92,6 +93,7 @@ async fn dashboard_in_a_browser() {
         .env("ATRIUM_PASSWORD", &password)
         .env("ATRIUM_PENDING_SERIAL", &demo.pending_gateway_serial)
         .env("ATRIUM_WEB_ARTIFACTS", &artifacts)
+        .env("ATRIUM_TEST_ARTIFACT", &artifact)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let run = tokio::time::timeout(BROWSER_TESTS_TIMEOUT, node.output()).await;
@@ -113,4 +115,26 @@ async fn dashboard_in_a_browser() {
         output.status,
         artifacts.display()
     );
+}
+
+/// A small update artifact for the Artifacts page's upload test.
+fn web_artifact(dir: &Path) -> std::path::PathBuf {
+    let image = dir.join("web-rootfs.img");
+    std::fs::write(&image, vec![7u8; 300_000]).expect("payload");
+    let spec = atrium_artifact::WriteSpec {
+        name: "web-release-1".into(),
+        device_types: vec!["demo-gateway".into()],
+        depends_artifact_names: Vec::new(),
+        provides_group: None,
+        depends_groups: Vec::new(),
+        scripts: Vec::new(),
+        payload: atrium_artifact::PayloadSpec::new(
+            atrium_artifact::PayloadKind::RootfsImage,
+            vec![atrium_artifact::FileSource::Path(image)],
+        ),
+    };
+    let path = dir.join("web-release-1.mender");
+    let out = std::fs::File::create(&path).expect("artifact file");
+    atrium_artifact::write(&spec, out, atrium_artifact::WriteOptions::default()).expect("artifact");
+    path
 }

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// The request body is over the limit (413).
     #[error("{0}")]
     TooLarge(String),
+    /// Well-formed but refused content, such as an invalid update artifact (422).
+    #[error("{0}")]
+    Unprocessable(String),
     /// Too many attempts; try again later (429).
     #[error("{0}")]
     TooManyRequests(String),
@@ -48,6 +51,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -4,6 +4,7 @@
 //! token ([`crate::auth::Caller`], [`session`]); devices enroll without one (their CSR and, for zero-touch, their factory certificate are their credentials).
 //! Every mutation writes an audit entry in the same transaction as the change.
 
+pub mod artifacts;
 pub mod error;
 pub mod events;
 pub mod groups;
@@ -59,7 +60,9 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         groups::delete_group, groups::add_members, groups::remove_members, groups::patch_target,
         events::event_stream, events::list_integrations,
         crate::terminal::open_terminal, crate::terminal::list_sessions,
-        crate::terminal::get_recording, crate::terminal::terminate_session
+        crate::terminal::get_recording, crate::terminal::terminate_session,
+        artifacts::upload, artifacts::list, artifacts::show, artifacts::remove,
+        artifacts::download, artifacts::link, artifacts::device_download
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -210,6 +213,20 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/api/v1/terminal-sessions/{id}/terminate",
             post(crate::terminal::terminate_session),
+        )
+        .route(
+            "/api/v1/artifacts",
+            get(artifacts::list).post(artifacts::upload),
+        )
+        .route(
+            "/api/v1/artifacts/{id}",
+            get(artifacts::show).delete(artifacts::remove),
+        )
+        .route("/api/v1/artifacts/{id}/download", get(artifacts::download))
+        .route("/api/v1/artifacts/{id}/link", post(artifacts::link))
+        .route(
+            "/api/v1/artifact-downloads/{id}",
+            get(artifacts::device_download),
         )
         .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

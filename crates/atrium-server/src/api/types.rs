@@ -529,3 +529,56 @@ pub enum TerminalControl {
         reason: Option<String>,
     },
 }
+
+/// An update artifact (Mender format) in the server's artifact store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactView {
+    /// Id.
+    pub id: String,
+    /// `artifact_name`.
+    pub name: String,
+    /// Compatible device types.
+    pub device_types: Vec<String>,
+    /// What installing it provides (artifact and payload provides).
+    pub provides: BTreeMap<String, String>,
+    /// What it depends on (a string or a list of which any one will do).
+    #[schema(value_type = Object)]
+    pub depends: BTreeMap<String, serde_json::Value>,
+    /// Provides a device clears when installing it.
+    pub clears_provides: Vec<String>,
+    /// Payload types.
+    pub payload_types: Vec<String>,
+    /// Size in bytes.
+    pub size: i64,
+    /// SHA-256 of the artifact file, hex.
+    pub sha256: String,
+    /// Whether it carries a signature.
+    pub signed: bool,
+    /// The server's verification key that checked the signature (none: not checked).
+    pub verified_key: Option<String>,
+    /// The operator's description.
+    pub description: String,
+    /// Who uploaded it.
+    pub uploaded_by: String,
+    /// When, unix ms.
+    pub uploaded_ms: i64,
+}
+
+/// Asks for a signed download link.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactLinkRequest {
+    /// Lifetime in seconds (default: the server's `artifact_link_ttl_s`; at most 7 days).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// A signed download link for devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactLink {
+    /// The full URL (scheme and host as the request reached the server).
+    pub url: String,
+    /// The path and query, for clients that know the server's address.
+    pub path: String,
+    /// Unix seconds after which the link no longer works.
+    pub expires: u64,
+}

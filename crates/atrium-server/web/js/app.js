@@ -82,6 +82,7 @@ const NAV = [
   { page: 'floor', href: './', label: 'Floor' },
   { page: 'devices', href: 'devices.html', label: 'Devices' },
   { page: 'groups', href: 'groups.html', label: 'Enrollment' },
+  { page: 'artifacts', href: 'artifacts.html', label: 'Artifacts' },
   { page: 'audit', href: 'audit.html', label: 'Audit log' },
   { page: 'users', href: 'users.html', label: 'Users', role: 'admin' },
   { page: 'sessions', href: 'sessions.html', label: 'Terminal sessions', role: 'operator' },

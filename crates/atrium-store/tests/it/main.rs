@@ -29,6 +29,7 @@ macro_rules! backend_suite {
     };
 }
 
+mod artifacts;
 mod conformance;
 mod groups;
 mod lifecycle_model;
