@@ -64,6 +64,10 @@ pub struct AgentConfig {
     pub spool_max_mb: u64,
     /// Remote terminal settings (`[terminal]`): on/off, shell, user, environment, limits.
     pub terminal: crate::terminal::TerminalConfig,
+    /// File transfer settings (`[files]`): on/off, roots, size limit, user.
+    pub files: crate::files::FilesConfig,
+    /// Port forwarding settings (`[port_forward]`): on/off, allowed targets, limit.
+    pub port_forward: crate::forward_tcp::PortForwardConfig,
 }
 
 /// Where sensor readings come from.
@@ -105,6 +109,8 @@ impl Default for AgentConfig {
             telemetry_batch: 500,
             spool_max_mb: 64,
             terminal: crate::terminal::TerminalConfig::default(),
+            files: crate::files::FilesConfig::default(),
+            port_forward: crate::forward_tcp::PortForwardConfig::default(),
         }
     }
 }

@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub terminal_max_per_device: u32,
     /// Most terminal sessions one operator may open per minute.
     pub terminal_opens_per_minute: u32,
+    /// Most file transfers and forwarded connections open on one device at a time.
+    pub transfer_max_per_device: u32,
+    /// Most file transfers and forwarded connections one operator may open per minute.
+    pub transfer_opens_per_minute: u32,
 }
 
 /// One external integration.
@@ -156,6 +160,8 @@ impl Default for ServerConfig {
             terminal_record_input: false,
             terminal_max_per_device: 4,
             terminal_opens_per_minute: 10,
+            transfer_max_per_device: 64,
+            transfer_opens_per_minute: 600,
         }
     }
 }

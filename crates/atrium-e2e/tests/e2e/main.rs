@@ -14,6 +14,7 @@ mod integrations;
 mod rooms;
 mod sim;
 mod terminal;
+mod transfers;
 mod twins;
 mod web;
 mod webhooks;

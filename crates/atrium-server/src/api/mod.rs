@@ -59,7 +59,8 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         groups::delete_group, groups::add_members, groups::remove_members, groups::patch_target,
         events::event_stream, events::list_integrations,
         crate::terminal::open_terminal, crate::terminal::list_sessions,
-        crate::terminal::get_recording, crate::terminal::terminate_session
+        crate::terminal::get_recording, crate::terminal::terminate_session,
+        crate::transfers::download, crate::transfers::upload, crate::transfers::port_forward
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -210,6 +211,18 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/api/v1/terminal-sessions/{id}/terminate",
             post(crate::terminal::terminate_session),
+        )
+        .route(
+            "/api/v1/devices/{id}/files/download",
+            get(crate::transfers::download),
+        )
+        .route(
+            "/api/v1/devices/{id}/files/upload",
+            get(crate::transfers::upload),
+        )
+        .route(
+            "/api/v1/devices/{id}/port-forward",
+            get(crate::transfers::port_forward),
         )
         .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
