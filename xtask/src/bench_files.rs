@@ -244,7 +244,9 @@ async fn measure_ssh(
     let back = dir.join("scp-back.bin");
     let scp = |from: String, to: String| {
         let mut command = Command::new("scp");
+        // -O: the classic scp protocol (the throwaway sshd has no sftp subsystem).
         command
+            .arg("-O")
             .args(ssh_options(sshd))
             .arg("-P")
             .arg(sshd.port.to_string())
