@@ -110,7 +110,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("atrium-bench-terminal-{}", std::process::id()));
     std::fs::create_dir_all(&dir).context("bench directory")?;
     Ok(dir)
@@ -137,7 +137,11 @@ fn write_payload(path: &Path, megabytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_agent(server: &Server, bin: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
+pub(crate) async fn start_agent(
+    server: &Server,
+    bin: &Path,
+    dir: &Path,
+) -> anyhow::Result<(Child, String)> {
     let home = dir.join("agent");
     std::fs::create_dir_all(&home)?;
     let serial = "BENCH-TERMINAL-1";
@@ -340,13 +344,13 @@ fn keygen(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Sshd {
-    child: Child,
-    port: u16,
-    key: PathBuf,
+pub(crate) struct Sshd {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) key: PathBuf,
 }
 
-async fn start_sshd(dir: &Path) -> anyhow::Result<Sshd> {
+pub(crate) async fn start_sshd(dir: &Path) -> anyhow::Result<Sshd> {
     ensure_sshd()?;
     let dir = dir.join("ssh");
     std::fs::create_dir_all(&dir)?;

@@ -3,11 +3,13 @@
 //! (telemetry ingest, reading-to-event latency, the agent's MQTT intake) against the real
 //! `atrium` and `atrium-agent` release binaries, and `cargo xtask bench terminal` the remote
 //! terminal against a local OpenSSH server, and `cargo xtask bench twins` the delivery of one
-//! desired-twin patch to 10,000 connected agents, printing `name: value unit` lines; results are
-//! kept in `docs/BENCHMARKS.md`.
+//! desired-twin patch to 10,000 connected agents, `cargo xtask bench files` file copy and port
+//! forwarding against scp and ssh -L, and `cargo xtask bench artifacts` artifact downloads against
+//! nginx, printing `name: value unit` lines; results are kept in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
 mod bench_artifacts;
+mod bench_files;
 mod bench_identity;
 mod bench_rooms;
 mod bench_terminal;
@@ -168,6 +170,25 @@ enum Bench {
         #[arg(long)]
         agent_bin: Option<std::path::PathBuf>,
     },
+    /// File copy and port forwarding throughput through the server and the agent, and the
+    /// same with scp and ssh -L through a throwaway local OpenSSH server.
+    Files {
+        /// Size of the file copied and of the forwarded stream, in MB.
+        #[arg(long, default_value_t = 100)]
+        megabytes: usize,
+        /// Runs of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Measure Atrium only.
+        #[arg(long)]
+        skip_ssh: bool,
+        /// Use this `atrium` binary instead of building it.
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+        /// Use this `atrium-agent` binary instead of building it.
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
+    },
 }
 
 /// Database backends to benchmark.
@@ -224,6 +245,22 @@ fn main() -> anyhow::Result<()> {
         } => bench_terminal::run(bench_terminal::Options {
             samples: samples.max(1),
             megabytes: megabytes.max(1),
+            server_bin,
+            agent_bin,
+            skip_ssh,
+        }),
+        Command::Bench {
+            bench:
+                Bench::Files {
+                    megabytes,
+                    runs,
+                    skip_ssh,
+                    server_bin,
+                    agent_bin,
+                },
+        } => bench_files::run(bench_files::Options {
+            megabytes: megabytes.max(1),
+            runs: runs.max(1),
             server_bin,
             agent_bin,
             skip_ssh,

@@ -67,6 +67,10 @@ pub struct AgentConfig {
     /// Update installation (`[update]`): modules and scripts directories, verification keys,
     /// timeouts, the A/B partitions and bootloader tools of `rootfs-image`.
     pub update: crate::update::UpdateConfig,
+    /// File transfer settings (`[files]`): on/off, roots, size limit, user.
+    pub files: crate::files::FilesConfig,
+    /// Port forwarding settings (`[port_forward]`): on/off, allowed targets, limit.
+    pub port_forward: crate::forward_tcp::PortForwardConfig,
 }
 
 /// Where sensor readings come from.
@@ -109,6 +113,8 @@ impl Default for AgentConfig {
             spool_max_mb: 64,
             terminal: crate::terminal::TerminalConfig::default(),
             update: crate::update::UpdateConfig::default(),
+            files: crate::files::FilesConfig::default(),
+            port_forward: crate::forward_tcp::PortForwardConfig::default(),
         }
     }
 }

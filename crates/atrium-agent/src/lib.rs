@@ -15,13 +15,16 @@
 pub mod broker;
 pub mod config;
 mod enroll;
+pub mod files;
 pub mod filter;
 mod forward;
+pub mod forward_tcp;
 pub mod intake;
 pub mod inventory;
 mod link;
 pub mod rooms;
 pub mod spool;
+pub mod streams;
 pub mod terminal;
 pub mod twin;
 pub mod update;

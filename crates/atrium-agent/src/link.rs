@@ -261,6 +261,11 @@ impl Session {
         }
         // Terminals live as long as this link: dropping them hangs every shell up.
         let mut terminals = crate::terminal::Terminals::new(agent.config().terminal.clone());
+        // File transfers and TCP forwards too: dropping them ends every one.
+        let mut services = crate::streams::Services::new(
+            agent.config().files.clone(),
+            agent.config().port_forward.clone(),
+        );
         // After every (re)connect: fetch the whole desired twin and repeat the last outcome,
         // which may have been lost with the previous link.
         for message in [Message::TwinGet, agent.applied_report()] {
@@ -309,6 +314,11 @@ impl Session {
                     renew.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(60));
                 }
                 message = terminals.outgoing() => {
+                    if let Err(e) = self.send(message).await {
+                        return lost(e, true);
+                    }
+                }
+                message = services.outgoing() => {
                     if let Err(e) = self.send(message).await {
                         return lost(e, true);
                     }
@@ -386,7 +396,15 @@ impl Session {
                         | Message::StreamWindow(_)
                         | Message::StreamResize(_)
                         | Message::StreamClose(_)) => {
-                            if let Some(reply) = terminals.handle(message)
+                            let ours = match &message {
+                                Message::StreamOpen(open) => crate::streams::Services::serves(&open.kind),
+                                Message::StreamData(m) => services.owns(m.stream),
+                                Message::StreamWindow(m) => services.owns(m.stream),
+                                Message::StreamClose(m) => services.owns(m.stream),
+                                _ => false,
+                            };
+                            let reply = if ours { services.handle(message) } else { terminals.handle(message) };
+                            if let Some(reply) = reply
                                 && let Err(e) = self.send(reply).await
                             {
                                 return lost(e, true);

@@ -67,6 +67,10 @@ pub struct ServerConfig {
     pub artifact_verify_keys: Vec<PathBuf>,
     /// Default lifetime of a signed artifact download link, in seconds.
     pub artifact_link_ttl_s: u64,
+    /// Most file transfers and forwarded connections open on one device at a time.
+    pub transfer_max_per_device: u32,
+    /// Most file transfers and forwarded connections one operator may open per minute.
+    pub transfer_opens_per_minute: u32,
 }
 
 /// One external integration.
@@ -224,6 +228,8 @@ impl Default for ServerConfig {
             artifact_max_bytes: 4 << 30,
             artifact_verify_keys: Vec::new(),
             artifact_link_ttl_s: 24 * 3600,
+            transfer_max_per_device: 64,
+            transfer_opens_per_minute: 600,
         }
     }
 }

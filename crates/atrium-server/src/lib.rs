@@ -26,6 +26,7 @@ mod registry;
 pub mod rooms;
 mod streams;
 pub mod terminal;
+pub mod transfers;
 pub mod twins;
 mod web;
 pub mod webhooks;
@@ -68,6 +69,8 @@ pub struct Ctx {
     logins: accounts::LoginGuard,
     /// Live terminal sessions and operators' recent opens.
     terminals: terminal::TerminalHub,
+    /// Live file transfers and forwarded connections, and operators' recent opens.
+    transfers: transfers::TransferHub,
     /// Cancelled when the node shuts down (ends live streams).
     shutdown: CancellationToken,
 }
@@ -172,6 +175,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ingest,
         logins: accounts::LoginGuard::default(),
         terminals: terminal::TerminalHub::default(),
+        transfers: transfers::TransferHub::default(),
         shutdown: shutdown.clone(),
     });
 

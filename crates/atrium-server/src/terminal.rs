@@ -178,7 +178,7 @@ pub struct TerminalQuery {
 }
 
 /// A cookie caller's WebSocket must come from a page of ours: same scheme, host and port.
-fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
     let origin = headers
         .get(header::ORIGIN)
         .and_then(|v| v.to_str().ok())
@@ -430,13 +430,13 @@ fn switching_protocols(accept: &str) -> Result<Response, ApiError> {
 }
 
 /// The checked WebSocket handshake of a request: the accept key and the connection to come.
-struct Upgrade {
-    accept: String,
-    on_upgrade: hyper::upgrade::OnUpgrade,
+pub(crate) struct Upgrade {
+    pub(crate) accept: String,
+    pub(crate) on_upgrade: hyper::upgrade::OnUpgrade,
 }
 
 /// Checks that `request` asks for a WebSocket (RFC 6455, over HTTP/1.1) and takes its upgrade.
-fn websocket_upgrade(request: &mut axum::extract::Request) -> Result<Upgrade, ApiError> {
+pub(crate) fn websocket_upgrade(request: &mut axum::extract::Request) -> Result<Upgrade, ApiError> {
     let headers = request.headers();
     let lists = |name: header::HeaderName, token: &str| {
         headers

@@ -1,7 +1,7 @@
 //! `atrium`: the server and its admin CLI.
 #![forbid(unsafe_code)]
 
-use atrium::{client, demo, terminal};
+use atrium::{client, demo, terminal, transfer};
 
 mod artifact_cli;
 mod artifacts_cmd;
@@ -69,6 +69,11 @@ enum Command {
     /// show, delete and download from the server.
     #[command(subcommand)]
     Artifact(artifact_cli::ArtifactCmd),
+    /// Copies a file to or from a gateway: `cp LOCAL DEVICE:/PATH` or `cp DEVICE:/PATH LOCAL`.
+    Cp(transfer::CpArgs),
+    /// Forwards local TCP connections through a gateway: `port-forward DEVICE LPORT:HOST:PORT`.
+    #[command(name = "port-forward")]
+    PortForward(transfer::PortForwardArgs),
 }
 
 #[derive(Subcommand)]
@@ -591,6 +596,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             std::process::exit(code)
         }
         Command::TerminalSessions(cmd) => terminal::sessions(cmd).await,
+        Command::Cp(args) => transfer::cp(args).await,
+        Command::PortForward(args) => transfer::port_forward(args).await,
         Command::Tokens(cmd) => tokens(cmd).await,
         Command::Twin(cmd) => twin(cmd).await,
         Command::Users(cmd) => users(cmd).await,

@@ -16,6 +16,7 @@ mod mqtt_tls;
 mod rooms;
 mod sim;
 mod terminal;
+mod transfers;
 mod twin_fleet;
 mod twins;
 mod web;

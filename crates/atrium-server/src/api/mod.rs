@@ -62,7 +62,8 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         crate::terminal::open_terminal, crate::terminal::list_sessions,
         crate::terminal::get_recording, crate::terminal::terminate_session,
         artifacts::upload, artifacts::list, artifacts::show, artifacts::remove,
-        artifacts::download, artifacts::link, artifacts::device_download
+        artifacts::download, artifacts::link, artifacts::device_download,
+        crate::transfers::download, crate::transfers::upload, crate::transfers::port_forward
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -227,6 +228,18 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/api/v1/artifact-downloads/{id}",
             get(artifacts::device_download),
+        )
+        .route(
+            "/api/v1/devices/{id}/files/download",
+            get(crate::transfers::download),
+        )
+        .route(
+            "/api/v1/devices/{id}/files/upload",
+            get(crate::transfers::upload),
+        )
+        .route(
+            "/api/v1/devices/{id}/port-forward",
+            get(crate::transfers::port_forward),
         )
         .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
