@@ -434,12 +434,15 @@ async fn port_forward_reaches_http_and_holds_fast_senders_back(backend: Backend)
         .expect("client");
     let fetches = (0..6).map(|_| {
         let http = http.clone();
+        let errors = errors.clone();
         async move {
-            let response = http
-                .get(format!("http://{local}/page.bin"))
-                .send()
-                .await
-                .expect("GET through the forward");
+            let response = match http.get(format!("http://{local}/page.bin")).send().await {
+                Ok(response) => response,
+                Err(e) => panic!(
+                    "GET through the forward: {e:?}; the forward reported: {:?}",
+                    errors.lock().expect("lock")
+                ),
+            };
             assert_eq!(response.status(), StatusCode::OK);
             response.bytes().await.expect("body")
         }
