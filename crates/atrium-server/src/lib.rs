@@ -61,6 +61,8 @@ pub struct Ctx {
     pub integrations: Vec<Arc<integrations::Handle>>,
     enroller: enroll::Enroller,
     ingest: ingest::Ingest,
+    /// Group commit of agents' reported twin writes.
+    reported: twins::ReportedWriter,
     logins: accounts::LoginGuard,
     /// Live terminal sessions and operators' recent opens.
     terminals: terminal::TerminalHub,
@@ -134,6 +136,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         &tasks,
         shutdown.clone(),
     );
+    let reported = twins::ReportedWriter::spawn(store.clone(), &tasks, shutdown.clone());
     // Registries are built before anything starts, so a bad secret file fails the start.
     let mut http_registries = Vec::new();
     let mut handles = Vec::new();
@@ -164,6 +167,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         integrations: handles,
         enroller,
         ingest,
+        reported,
         logins: accounts::LoginGuard::default(),
         terminals: terminal::TerminalHub::default(),
         shutdown: shutdown.clone(),

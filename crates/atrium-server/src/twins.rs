@@ -2,10 +2,21 @@
 //! [`atrium_proto::twin`], optimistic concurrency on the stored version, the audit trail, and
 //! the server's own desired key `rooms` (the room assignment of a gateway's sensor nodes),
 //! which follows the rooms API and cannot be written by operators.
+//!
+//! Agents' reported writes go through one [`ReportedWriter`]: each link reads and computes its
+//! section as usual, and the writer commits the writes of many links in one transaction (group
+//! commit, like telemetry ingest), so a whole fleet reporting at once costs a few commits
+//! instead of one each. Every write keeps its own compare-and-swap; a lost race is retried
+//! exactly as a lone write is.
 
 use atrium_proto::twin::{self, Section};
-use atrium_store::{NewAuditEntry, StoreError, StoredSection, TwinRecord, TwinSide};
+use atrium_store::{
+    NewAuditEntry, SectionWrite, Store, StoreError, StoredSection, TwinRecord, TwinSide,
+};
 use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Ctx;
 use crate::api::error::ApiError;
@@ -14,6 +25,8 @@ use crate::api::error::ApiError;
 pub const SERVER_KEYS: &[&str] = &["rooms"];
 /// How often an unconditional write retries after losing a race.
 const RETRIES: usize = 8;
+/// Most reported writes committed in one transaction.
+const REPORTED_PER_COMMIT: usize = 1000;
 
 /// A change to a section.
 #[derive(Debug, Clone)]
@@ -116,11 +129,25 @@ pub async fn write(
             Writer::Device => None,
         };
         let expected = i64::try_from(current.version).unwrap_or(i64::MAX);
-        match ctx
-            .store
-            .put_twin_section(device_id, side, expected, &stored(&next)?, now, audit)
-            .await
-        {
+        let put = match audit {
+            // Device writes are not audited: they join the next group commit.
+            None if side == TwinSide::Reported => {
+                ctx.reported
+                    .put(SectionWrite {
+                        device_id: device_id.to_owned(),
+                        side,
+                        expected_version: expected,
+                        section: stored(&next)?,
+                    })
+                    .await?
+            }
+            audit => {
+                ctx.store
+                    .put_twin_section(device_id, side, expected, &stored(&next)?, now, audit)
+                    .await
+            }
+        };
+        match put {
             Ok(()) => {
                 if side == TwinSide::Desired {
                     ctx.links.twin_changed(device_id);
@@ -187,5 +214,73 @@ pub async fn sync_rooms(ctx: &Ctx, device_id: &str) -> Result<(), ApiError> {
         // A retired device keeps its last twin.
         Err(ApiError::Conflict(_)) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// The outcome of one queued write; the outer `Err` is why its whole group was not committed.
+type ReportedOutcome = Result<Result<(), StoreError>, String>;
+type ReportedReply = oneshot::Sender<ReportedOutcome>;
+
+/// Commits agents' reported sections in groups: links queue their writes, one task takes
+/// whatever is queued (up to [`REPORTED_PER_COMMIT`]) into one transaction and answers each
+/// link with its own outcome.
+pub struct ReportedWriter {
+    tx: mpsc::Sender<(SectionWrite, ReportedReply)>,
+}
+
+impl ReportedWriter {
+    /// Starts the committing task; it ends at `shutdown` or when the writer is dropped.
+    pub fn spawn(store: Store, tasks: &TaskTracker, shutdown: CancellationToken) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(SectionWrite, ReportedReply)>(REPORTED_PER_COMMIT * 2);
+        tasks.spawn(async move {
+            loop {
+                let first = tokio::select! {
+                    next = rx.recv() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                };
+                let mut writes = Vec::with_capacity(64);
+                let mut replies = Vec::with_capacity(64);
+                writes.push(first.0);
+                replies.push(first.1);
+                while writes.len() < REPORTED_PER_COMMIT {
+                    match rx.try_recv() {
+                        Ok((write, reply)) => {
+                            writes.push(write);
+                            replies.push(reply);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match store.put_twin_sections(&writes, crate::now_ms()).await {
+                    Ok(outcomes) => {
+                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, writes = writes.len(), "reported twin commit failed");
+                        let reason = format!("the reported twin was not stored: {e}");
+                        for reply in replies {
+                            let _ = reply.send(Err(reason.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        ReportedWriter { tx }
+    }
+
+    /// Queues one write and waits for its outcome: `Ok` with the write's own result (written,
+    /// or refused as [`Store::put_twin_section`] would), `Err` when its group failed to commit.
+    pub async fn put(&self, write: SectionWrite) -> Result<Result<(), StoreError>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || ApiError::Unavailable("the server is shutting down".to_owned());
+        self.tx.send((write, reply)).await.map_err(|_| closed())?;
+        rx.await
+            .map_err(|_| closed())?
+            .map_err(ApiError::Unavailable)
     }
 }
