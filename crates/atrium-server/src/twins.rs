@@ -284,3 +284,135 @@ impl ReportedWriter {
             .map_err(ApiError::Unavailable)
     }
 }
+
+#[cfg(test)]
+// In tests a panic is the failure report.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use atrium_store::{
+        DeviceStatus, DeviceWrite, EnrollmentKind, EnrollmentWrite, Identity, NewDevice,
+    };
+
+    use super::*;
+
+    fn enrollment(n: u32) -> EnrollmentWrite {
+        EnrollmentWrite {
+            device: DeviceWrite::Insert(NewDevice {
+                id: format!("dev{n}"),
+                status: DeviceStatus::Accepted,
+                status_reason: String::new(),
+                identity: Identity {
+                    mac: format!("02:00:00:00:{:02x}:{:02x}", n / 256, n % 256),
+                    serial: format!("SN{n}"),
+                    device_type: "gw".into(),
+                    hardware_model: String::new(),
+                    extra: BTreeMap::new(),
+                },
+                key_fingerprint: format!("{n:064x}"),
+                public_key_der: Vec::new(),
+                enrollment: EnrollmentKind::Manual,
+                tags: BTreeMap::new(),
+                now_ms: 1,
+            }),
+            certificate: None,
+            consumed_preauthorization: None,
+            audit: Vec::new(),
+        }
+    }
+
+    fn section(version: i64, doc: &str) -> StoredSection {
+        StoredSection {
+            version,
+            doc: doc.to_owned(),
+            meta: "{}".to_owned(),
+        }
+    }
+
+    /// Many links reporting at once: every write gets its own outcome from the shared commits
+    /// (written, or refused as a lone write would be), what was written is stored, and a
+    /// writer that has stopped says so.
+    #[tokio::test]
+    async fn reported_writes_from_many_links_each_get_their_own_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("atrium.db").display());
+        let store = Store::open(&url).await.expect("store");
+        let enrolled = store
+            .enroll_batch(&(0..200).map(enrollment).collect::<Vec<_>>())
+            .await
+            .expect("enroll");
+        assert!(enrolled.iter().all(Result::is_ok), "{enrolled:?}");
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let writer = std::sync::Arc::new(ReportedWriter::spawn(
+            store.clone(),
+            &tasks,
+            shutdown.clone(),
+        ));
+        let mut joins = Vec::new();
+        for n in 0..200u32 {
+            let writer = writer.clone();
+            joins.push(tokio::spawn(async move {
+                writer
+                    .put(SectionWrite {
+                        device_id: format!("dev{n}"),
+                        side: TwinSide::Reported,
+                        expected_version: 0,
+                        section: section(1, &format!(r#"{{"n":{n}}}"#)),
+                    })
+                    .await
+            }));
+        }
+        for j in joins {
+            assert!(matches!(j.await.expect("join"), Ok(Ok(()))));
+        }
+        // A stale writer (read version 0 after dev0 moved on) and an unknown device.
+        let stale = writer
+            .put(SectionWrite {
+                device_id: "dev0".into(),
+                side: TwinSide::Reported,
+                expected_version: 0,
+                section: section(1, r#"{"n":"stale"}"#),
+            })
+            .await;
+        assert!(
+            matches!(stale, Ok(Err(StoreError::Conflict(_)))),
+            "{stale:?}"
+        );
+        let unknown = writer
+            .put(SectionWrite {
+                device_id: "nope".into(),
+                side: TwinSide::Reported,
+                expected_version: 0,
+                section: section(1, "{}"),
+            })
+            .await;
+        assert!(
+            matches!(unknown, Ok(Err(StoreError::NotFound { .. }))),
+            "{unknown:?}"
+        );
+        for n in [0u32, 117, 199] {
+            let twin = store.twin(&format!("dev{n}")).await.expect("twin");
+            assert_eq!(
+                (twin.reported.version, twin.reported.doc),
+                (1, format!(r#"{{"n":{n}}}"#))
+            );
+        }
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let closed = writer
+            .put(SectionWrite {
+                device_id: "dev1".into(),
+                side: TwinSide::Reported,
+                expected_version: 1,
+                section: section(2, "{}"),
+            })
+            .await;
+        assert!(
+            matches!(closed, Err(ApiError::Unavailable(_))),
+            "{closed:?}"
+        );
+    }
+}
