@@ -217,9 +217,7 @@ pub async fn sync_rooms(ctx: &Ctx, device_id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The outcome of one queued write; the outer `Err` is why its whole group was not committed.
-type ReportedOutcome = Result<Result<(), StoreError>, String>;
-type ReportedReply = oneshot::Sender<ReportedOutcome>;
+type ReportedReply = oneshot::Sender<Result<(), StoreError>>;
 
 /// Commits agents' reported sections in groups: links queue their writes, one task takes
 /// whatever is queued (up to [`REPORTED_PER_COMMIT`]) into one transaction and answers each
@@ -257,14 +255,26 @@ impl ReportedWriter {
                 match store.put_twin_sections(&writes, crate::now_ms()).await {
                     Ok(outcomes) => {
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                            let _ = reply.send(Ok(outcome));
+                            let _ = reply.send(outcome);
                         }
                     }
+                    // The group failed as a whole (on PostgreSQL e.g. a deadlock with a
+                    // concurrent desired batch): each write is tried again on its own, so one
+                    // bad moment costs no report.
                     Err(e) => {
-                        tracing::error!(error = %e, writes = writes.len(), "reported twin commit failed");
-                        let reason = format!("the reported twin was not stored: {e}");
-                        for reply in replies {
-                            let _ = reply.send(Err(reason.clone()));
+                        tracing::warn!(error = %e, writes = writes.len(), "reported twin group commit failed; writing one by one");
+                        for (w, reply) in writes.iter().zip(replies) {
+                            let outcome = store
+                                .put_twin_section(
+                                    &w.device_id,
+                                    w.side,
+                                    w.expected_version,
+                                    &w.section,
+                                    crate::now_ms(),
+                                    None,
+                                )
+                                .await;
+                            let _ = reply.send(outcome);
                         }
                     }
                 }
@@ -274,14 +284,13 @@ impl ReportedWriter {
     }
 
     /// Queues one write and waits for its outcome: `Ok` with the write's own result (written,
-    /// or refused as [`Store::put_twin_section`] would), `Err` when its group failed to commit.
+    /// or refused or failed as [`Store::put_twin_section`] would), `Err` when the server is
+    /// shutting down.
     pub async fn put(&self, write: SectionWrite) -> Result<Result<(), StoreError>, ApiError> {
         let (reply, rx) = oneshot::channel();
         let closed = || ApiError::Unavailable("the server is shutting down".to_owned());
         self.tx.send((write, reply)).await.map_err(|_| closed())?;
-        rx.await
-            .map_err(|_| closed())?
-            .map_err(ApiError::Unavailable)
+        rx.await.map_err(|_| closed())
     }
 }
 
