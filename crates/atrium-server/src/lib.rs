@@ -66,6 +66,8 @@ pub struct Ctx {
     pub artifacts: artifacts::Artifacts,
     enroller: enroll::Enroller,
     ingest: ingest::Ingest,
+    /// Group commit of agents' reported twin writes.
+    reported: twins::ReportedWriter,
     logins: accounts::LoginGuard,
     /// Live terminal sessions and operators' recent opens.
     terminals: terminal::TerminalHub,
@@ -142,6 +144,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         &tasks,
         shutdown.clone(),
     );
+    let reported = twins::ReportedWriter::spawn(store.clone(), &tasks, shutdown.clone());
     // Registries are built before anything starts, so a bad secret file fails the start.
     let mut http_registries = Vec::new();
     let mut handles = Vec::new();
@@ -173,6 +176,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         artifacts,
         enroller,
         ingest,
+        reported,
         logins: accounts::LoginGuard::default(),
         terminals: terminal::TerminalHub::default(),
         transfers: transfers::TransferHub::default(),

@@ -2,10 +2,21 @@
 //! [`atrium_proto::twin`], optimistic concurrency on the stored version, the audit trail, and
 //! the server's own desired key `rooms` (the room assignment of a gateway's sensor nodes),
 //! which follows the rooms API and cannot be written by operators.
+//!
+//! Agents' reported writes go through one [`ReportedWriter`]: each link reads and computes its
+//! section as usual, and the writer commits the writes of many links in one transaction (group
+//! commit, like telemetry ingest), so a whole fleet reporting at once costs a few commits
+//! instead of one each. Every write keeps its own compare-and-swap; a lost race is retried
+//! exactly as a lone write is.
 
 use atrium_proto::twin::{self, Section};
-use atrium_store::{NewAuditEntry, StoreError, StoredSection, TwinRecord, TwinSide};
+use atrium_store::{
+    NewAuditEntry, SectionWrite, Store, StoreError, StoredSection, TwinRecord, TwinSide,
+};
 use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Ctx;
 use crate::api::error::ApiError;
@@ -14,6 +25,8 @@ use crate::api::error::ApiError;
 pub const SERVER_KEYS: &[&str] = &["rooms"];
 /// How often an unconditional write retries after losing a race.
 const RETRIES: usize = 8;
+/// Most reported writes committed in one transaction.
+const REPORTED_PER_COMMIT: usize = 1000;
 
 /// A change to a section.
 #[derive(Debug, Clone)]
@@ -116,11 +129,25 @@ pub async fn write(
             Writer::Device => None,
         };
         let expected = i64::try_from(current.version).unwrap_or(i64::MAX);
-        match ctx
-            .store
-            .put_twin_section(device_id, side, expected, &stored(&next)?, now, audit)
-            .await
-        {
+        let put = match audit {
+            // Device writes are not audited: they join the next group commit.
+            None if side == TwinSide::Reported => {
+                ctx.reported
+                    .put(SectionWrite {
+                        device_id: device_id.to_owned(),
+                        side,
+                        expected_version: expected,
+                        section: stored(&next)?,
+                    })
+                    .await?
+            }
+            audit => {
+                ctx.store
+                    .put_twin_section(device_id, side, expected, &stored(&next)?, now, audit)
+                    .await
+            }
+        };
+        match put {
             Ok(()) => {
                 if side == TwinSide::Desired {
                     ctx.links.twin_changed(device_id);
@@ -187,5 +214,214 @@ pub async fn sync_rooms(ctx: &Ctx, device_id: &str) -> Result<(), ApiError> {
         // A retired device keeps its last twin.
         Err(ApiError::Conflict(_)) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+type ReportedReply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Commits agents' reported sections in groups: links queue their writes, one task takes
+/// whatever is queued (up to [`REPORTED_PER_COMMIT`]) into one transaction and answers each
+/// link with its own outcome.
+pub struct ReportedWriter {
+    tx: mpsc::Sender<(SectionWrite, ReportedReply)>,
+}
+
+impl ReportedWriter {
+    /// Starts the committing task; it ends at `shutdown` or when the writer is dropped.
+    pub fn spawn(store: Store, tasks: &TaskTracker, shutdown: CancellationToken) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(SectionWrite, ReportedReply)>(REPORTED_PER_COMMIT * 2);
+        tasks.spawn(async move {
+            loop {
+                let first = tokio::select! {
+                    next = rx.recv() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                };
+                let mut writes = Vec::with_capacity(64);
+                let mut replies = Vec::with_capacity(64);
+                writes.push(first.0);
+                replies.push(first.1);
+                while writes.len() < REPORTED_PER_COMMIT {
+                    match rx.try_recv() {
+                        Ok((write, reply)) => {
+                            writes.push(write);
+                            replies.push(reply);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match store.put_twin_sections(&writes, crate::now_ms()).await {
+                    Ok(outcomes) => {
+                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                    // The group failed as a whole (on PostgreSQL e.g. a deadlock with a
+                    // concurrent desired batch): each write is tried again on its own, so one
+                    // bad moment costs no report.
+                    Err(e) => {
+                        tracing::warn!(error = %e, writes = writes.len(), "reported twin group commit failed; writing one by one");
+                        for (w, reply) in writes.iter().zip(replies) {
+                            let outcome = store
+                                .put_twin_section(
+                                    &w.device_id,
+                                    w.side,
+                                    w.expected_version,
+                                    &w.section,
+                                    crate::now_ms(),
+                                    None,
+                                )
+                                .await;
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                }
+            }
+        });
+        ReportedWriter { tx }
+    }
+
+    /// Queues one write and waits for its outcome: `Ok` with the write's own result (written,
+    /// or refused or failed as [`Store::put_twin_section`] would), `Err` when the server is
+    /// shutting down.
+    pub async fn put(&self, write: SectionWrite) -> Result<Result<(), StoreError>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || ApiError::Unavailable("the server is shutting down".to_owned());
+        self.tx.send((write, reply)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())
+    }
+}
+
+#[cfg(test)]
+// In tests a panic is the failure report.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use atrium_store::{
+        DeviceStatus, DeviceWrite, EnrollmentKind, EnrollmentWrite, Identity, NewDevice,
+    };
+
+    use super::*;
+
+    fn enrollment(n: u32) -> EnrollmentWrite {
+        EnrollmentWrite {
+            device: DeviceWrite::Insert(NewDevice {
+                id: format!("dev{n}"),
+                status: DeviceStatus::Accepted,
+                status_reason: String::new(),
+                identity: Identity {
+                    mac: format!("02:00:00:00:{:02x}:{:02x}", n / 256, n % 256),
+                    serial: format!("SN{n}"),
+                    device_type: "gw".into(),
+                    hardware_model: String::new(),
+                    extra: BTreeMap::new(),
+                },
+                key_fingerprint: format!("{n:064x}"),
+                public_key_der: Vec::new(),
+                enrollment: EnrollmentKind::Manual,
+                tags: BTreeMap::new(),
+                now_ms: 1,
+            }),
+            certificate: None,
+            consumed_preauthorization: None,
+            audit: Vec::new(),
+        }
+    }
+
+    fn section(version: i64, doc: &str) -> StoredSection {
+        StoredSection {
+            version,
+            doc: doc.to_owned(),
+            meta: "{}".to_owned(),
+        }
+    }
+
+    /// Many links reporting at once: every write gets its own outcome from the shared commits
+    /// (written, or refused as a lone write would be), what was written is stored, and a
+    /// writer that has stopped says so.
+    #[tokio::test]
+    async fn reported_writes_from_many_links_each_get_their_own_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("atrium.db").display());
+        let store = Store::open(&url).await.expect("store");
+        let enrolled = store
+            .enroll_batch(&(0..200).map(enrollment).collect::<Vec<_>>())
+            .await
+            .expect("enroll");
+        assert!(enrolled.iter().all(Result::is_ok), "{enrolled:?}");
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let writer = std::sync::Arc::new(ReportedWriter::spawn(
+            store.clone(),
+            &tasks,
+            shutdown.clone(),
+        ));
+        let mut joins = Vec::new();
+        for n in 0..200u32 {
+            let writer = writer.clone();
+            joins.push(tokio::spawn(async move {
+                writer
+                    .put(SectionWrite {
+                        device_id: format!("dev{n}"),
+                        side: TwinSide::Reported,
+                        expected_version: 0,
+                        section: section(1, &format!(r#"{{"n":{n}}}"#)),
+                    })
+                    .await
+            }));
+        }
+        for j in joins {
+            assert!(matches!(j.await.expect("join"), Ok(Ok(()))));
+        }
+        // A stale writer (read version 0 after dev0 moved on) and an unknown device.
+        let stale = writer
+            .put(SectionWrite {
+                device_id: "dev0".into(),
+                side: TwinSide::Reported,
+                expected_version: 0,
+                section: section(1, r#"{"n":"stale"}"#),
+            })
+            .await;
+        assert!(
+            matches!(stale, Ok(Err(StoreError::Conflict(_)))),
+            "{stale:?}"
+        );
+        let unknown = writer
+            .put(SectionWrite {
+                device_id: "nope".into(),
+                side: TwinSide::Reported,
+                expected_version: 0,
+                section: section(1, "{}"),
+            })
+            .await;
+        assert!(
+            matches!(unknown, Ok(Err(StoreError::NotFound { .. }))),
+            "{unknown:?}"
+        );
+        for n in [0u32, 117, 199] {
+            let twin = store.twin(&format!("dev{n}")).await.expect("twin");
+            assert_eq!(
+                (twin.reported.version, twin.reported.doc),
+                (1, format!(r#"{{"n":{n}}}"#))
+            );
+        }
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let closed = writer
+            .put(SectionWrite {
+                device_id: "dev1".into(),
+                side: TwinSide::Reported,
+                expected_version: 1,
+                section: section(2, "{}"),
+            })
+            .await;
+        assert!(
+            matches!(closed, Err(ApiError::Unavailable(_))),
+            "{closed:?}"
+        );
     }
 }

@@ -67,6 +67,6 @@ pub use store::{
     Backend, LATEST_SCHEMA_VERSION, SqlitePragmas, Store, StoreOptions, embedded_migration_files,
     new_id,
 };
-pub use twins::{StoredSection, TwinRecord, TwinSide};
+pub use twins::{SectionWrite, StoredSection, TwinRecord, TwinSide};
 pub use users::{Session, User, UserUpdate};
 pub use webhooks::{AttemptOutcome, Delivery, OutgoingEvent, Webhook};

@@ -131,74 +131,16 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let r = async {
             let conn = tx.conn();
-            let device = sqlx::query("SELECT status FROM devices WHERE id = $1")
-                .bind(device_id)
-                .fetch_optional(&mut *conn)
-                .await?
-                .ok_or_else(|| StoreError::not_found("device", device_id))?;
-            let status = rows::get_status(&device, "status")?;
-            if matches!(
-                status,
-                DeviceStatus::Rejected | DeviceStatus::Decommissioned
-            ) {
-                return Err(StoreError::conflict(format!(
-                    "the device is {}; its twin no longer changes",
-                    status.as_str()
-                )));
-            }
-            // Make sure the row exists, then lock it: concurrent first writers of a twin
-            // meet on the row instead of both inserting it.
-            let empty = StoredSection::default();
-            sqlx::query(
-                "INSERT INTO twins (device_id, desired, desired_version, desired_meta, \
-                 reported, reported_version, reported_meta, updated_ms) \
-                 VALUES ($1, $2, $3, $4, $2, $3, $4, $5) ON CONFLICT (device_id) DO NOTHING",
+            put_section_in(
+                conn,
+                self.backend(),
+                device_id,
+                side,
+                expected_version,
+                new,
+                now_ms,
             )
-            .bind(device_id)
-            .bind(empty.doc.as_str())
-            .bind(empty.version)
-            .bind(empty.meta.as_str())
-            .bind(now_ms)
-            .execute(&mut *conn)
             .await?;
-            let lock = match self.backend() {
-                crate::Backend::Postgres => " FOR UPDATE",
-                crate::Backend::Sqlite => "",
-            };
-            let column = match side {
-                TwinSide::Desired => "desired_version",
-                TwinSide::Reported => "reported_version",
-            };
-            let sql = format!("SELECT {column} AS v FROM twins WHERE device_id = $1{lock}");
-            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(device_id)
-                .fetch_one(&mut *conn)
-                .await?;
-            let current_version: i64 = get(&row, "v")?;
-            if current_version != expected_version {
-                return Err(StoreError::conflict(format!(
-                    "the {} twin is at version {current_version}, not {expected_version}",
-                    side.as_str()
-                )));
-            }
-            let sql = match side {
-                TwinSide::Desired => {
-                    "UPDATE twins SET desired = $1, desired_version = $2, desired_meta = $3, \
-                     updated_ms = $4 WHERE device_id = $5"
-                }
-                TwinSide::Reported => {
-                    "UPDATE twins SET reported = $1, reported_version = $2, reported_meta = $3, \
-                     updated_ms = $4 WHERE device_id = $5"
-                }
-            };
-            sqlx::query(sql)
-                .bind(new.doc.as_str())
-                .bind(new.version)
-                .bind(new.meta.as_str())
-                .bind(now_ms)
-                .bind(device_id)
-                .execute(&mut *conn)
-                .await?;
             if let Some(audit) = audit {
                 insert_audit(conn, std::slice::from_ref(&audit)).await?;
             }
@@ -207,4 +149,148 @@ impl Store {
         .await;
         tx.finish(r).await
     }
+
+    /// Writes many sections in one transaction (group commit), each by compare-and-swap from
+    /// the version its writer read, with exactly the checks of [`Store::put_twin_section`].
+    /// Returns one outcome per write, in order; a refused write (`Conflict`, `NotFound`,
+    /// `Invalid`) changes nothing and the others still commit. A database failure fails the
+    /// whole batch (nothing is written).
+    pub async fn put_twin_sections(
+        &self,
+        writes: &[SectionWrite],
+        now_ms: i64,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_write().await?;
+        let r = async {
+            let conn = tx.conn();
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for w in writes {
+                if w.section.version <= w.expected_version {
+                    outcomes.push(Err(StoreError::Invalid(
+                        "a twin section's version must grow".to_owned(),
+                    )));
+                    continue;
+                }
+                let outcome = put_section_in(
+                    conn,
+                    self.backend(),
+                    &w.device_id,
+                    w.side,
+                    w.expected_version,
+                    &w.section,
+                    now_ms,
+                )
+                .await;
+                match outcome {
+                    Ok(()) => outcomes.push(Ok(())),
+                    Err(e @ (StoreError::Conflict(_) | StoreError::NotFound { .. })) => {
+                        outcomes.push(Err(e))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(outcomes)
+        }
+        .await;
+        tx.finish(r).await
+    }
+}
+
+/// One section write of [`Store::put_twin_sections`]: compare-and-swap from `expected_version`.
+#[derive(Clone, Debug)]
+pub struct SectionWrite {
+    /// The device.
+    pub device_id: String,
+    /// Which section.
+    pub side: TwinSide,
+    /// The version the writer read.
+    pub expected_version: i64,
+    /// The new section (its version greater than `expected_version`).
+    pub section: StoredSection,
+}
+
+/// Writes one section inside a write transaction if it is still at `expected_version` (else
+/// `Conflict`); refused (`Conflict`) for rejected and decommissioned devices. Only logical
+/// refusals are returned before anything is written, so a refusal leaves the transaction usable.
+async fn put_section_in(
+    conn: &mut sqlx::AnyConnection,
+    backend: crate::Backend,
+    device_id: &str,
+    side: TwinSide,
+    expected_version: i64,
+    new: &StoredSection,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let device = sqlx::query("SELECT status FROM devices WHERE id = $1")
+        .bind(device_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::not_found("device", device_id))?;
+    let status = rows::get_status(&device, "status")?;
+    if matches!(
+        status,
+        DeviceStatus::Rejected | DeviceStatus::Decommissioned
+    ) {
+        return Err(StoreError::conflict(format!(
+            "the device is {}; its twin no longer changes",
+            status.as_str()
+        )));
+    }
+    // Make sure the row exists, then lock it: concurrent first writers of a twin
+    // meet on the row instead of both inserting it.
+    let empty = StoredSection::default();
+    sqlx::query(
+        "INSERT INTO twins (device_id, desired, desired_version, desired_meta, \
+         reported, reported_version, reported_meta, updated_ms) \
+         VALUES ($1, $2, $3, $4, $2, $3, $4, $5) ON CONFLICT (device_id) DO NOTHING",
+    )
+    .bind(device_id)
+    .bind(empty.doc.as_str())
+    .bind(empty.version)
+    .bind(empty.meta.as_str())
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    let lock = match backend {
+        crate::Backend::Postgres => " FOR UPDATE",
+        crate::Backend::Sqlite => "",
+    };
+    let column = match side {
+        TwinSide::Desired => "desired_version",
+        TwinSide::Reported => "reported_version",
+    };
+    let sql = format!("SELECT {column} AS v FROM twins WHERE device_id = $1{lock}");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(device_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let current_version: i64 = get(&row, "v")?;
+    if current_version != expected_version {
+        return Err(StoreError::conflict(format!(
+            "the {} twin is at version {current_version}, not {expected_version}",
+            side.as_str()
+        )));
+    }
+    let sql = match side {
+        TwinSide::Desired => {
+            "UPDATE twins SET desired = $1, desired_version = $2, desired_meta = $3, \
+             updated_ms = $4 WHERE device_id = $5"
+        }
+        TwinSide::Reported => {
+            "UPDATE twins SET reported = $1, reported_version = $2, reported_meta = $3, \
+             updated_ms = $4 WHERE device_id = $5"
+        }
+    };
+    sqlx::query(sql)
+        .bind(new.doc.as_str())
+        .bind(new.version)
+        .bind(new.meta.as_str())
+        .bind(now_ms)
+        .bind(device_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
