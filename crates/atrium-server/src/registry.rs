@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 
+/// How long a stream open waits for room in a busy link's control queue.
+pub const OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the rest of the server can tell a link task.
 #[derive(Debug)]
 pub enum Control {
@@ -91,8 +94,10 @@ impl LinkRegistry {
         }
     }
 
-    /// Asks the device's link to open a stream; refused when there is no link or it is busy.
-    pub fn open_stream(
+    /// Asks the device's link to open a stream; refused when there is no link, or when the
+    /// link stays busy for [`OPEN_WAIT`] (many opens at once, e.g. a browser's parallel
+    /// connections through a port forward, wait their turn instead of failing).
+    pub async fn open_stream(
         &self,
         device_id: &str,
         request: crate::streams::StreamRequest,
@@ -102,13 +107,28 @@ impl LinkRegistry {
             .get(device_id)
             .map(|e| e.control.clone())
             .ok_or_else(|| format!("device {device_id} is not connected"))?;
-        // Like twin notifications, opens take at most half the slots so a Close finds room.
-        if control.capacity() <= control.max_capacity() / 2 {
-            return Err(format!("the link of device {device_id} is busy; try again"));
+        let busy = || format!("the link of device {device_id} is busy; try again");
+        let deadline = tokio::time::Instant::now() + OPEN_WAIT;
+        let mut request = Box::new(request);
+        loop {
+            // Like twin notifications, opens take at most half the slots so a Close finds room.
+            if control.capacity() > control.max_capacity() / 2 {
+                match control.try_send(Control::OpenStream(request)) {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::error::TrySendError::Full(Control::OpenStream(back))) => {
+                        request = back;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return Err(format!("device {device_id} is not connected"));
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => return Err(busy()),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(busy());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        control
-            .try_send(Control::OpenStream(Box::new(request)))
-            .map_err(|_| format!("the link of device {device_id} is busy; try again"))
     }
 
     /// Whether the device has a live link on this node.
@@ -169,6 +189,48 @@ mod tests {
         registry.unregister(&second);
         assert!(!registry.is_connected("d1"));
         assert!(!registry.disconnect("d1", "again"));
+    }
+
+    fn request() -> crate::streams::StreamRequest {
+        let (events, _) = mpsc::channel(1);
+        let (reply, _) = tokio::sync::oneshot::channel();
+        crate::streams::StreamRequest {
+            kind: "tcp".into(),
+            params_json: "{}".into(),
+            window: 1024,
+            events,
+            reply,
+        }
+    }
+
+    #[tokio::test]
+    async fn stream_opens_wait_for_a_busy_link_and_keep_room_for_a_close() {
+        let registry = std::sync::Arc::new(LinkRegistry::default());
+        let (tx, mut rx) = mpsc::channel(4);
+        registry.register("d1", tx);
+        // Opens may fill half the queue at once.
+        registry.open_stream("d1", request()).await.expect("first");
+        registry.open_stream("d1", request()).await.expect("second");
+        // A third waits until the link has taken one out, instead of failing.
+        let waiting = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.open_stream("d1", request()).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "the third open must wait");
+        // A Close still finds room while opens wait.
+        assert!(registry.disconnect("d1", "bye"));
+        assert_eq!(rx.len(), 3);
+        assert!(matches!(rx.recv().await, Some(Control::OpenStream(_))));
+        assert!(matches!(rx.recv().await, Some(Control::OpenStream(_))));
+        assert!(matches!(rx.recv().await, Some(Control::Close(_))));
+        waiting.await.expect("join").expect("third open");
+        assert!(matches!(rx.recv().await, Some(Control::OpenStream(_))));
+        // A link that stays busy refuses after the wait.
+        registry.open_stream("d1", request()).await.expect("fourth");
+        registry.open_stream("d1", request()).await.expect("fifth");
+        let refused = registry.open_stream("d1", request()).await;
+        assert!(refused.is_err_and(|e| e.contains("busy")));
     }
 
     #[test]

@@ -311,6 +311,7 @@ async fn start_session(
                 reply: reply_tx,
             },
         )
+        .await
         .map_err(ApiError::Conflict)?;
     let handle = tokio::time::timeout(Duration::from_secs(10), reply_rx)
         .await

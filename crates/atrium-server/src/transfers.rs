@@ -374,6 +374,7 @@ async fn open(
                 reply: reply_tx,
             },
         )
+        .await
         .map_err(ApiError::Conflict)?;
     let handle = tokio::time::timeout(Duration::from_secs(10), reply_rx)
         .await
