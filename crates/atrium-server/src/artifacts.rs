@@ -342,6 +342,11 @@ pub fn parse_range(value: &str, size: u64) -> ByteRange {
     }
 }
 
+/// Bytes read and dropped after a refusal beyond the size limit, so the client reads the answer.
+const LINGER_BYTES: u64 = 16 << 20;
+/// How long a refused upload's body is read and dropped at most.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 type Verdict = Arc<Mutex<Option<Result<Artifact, UploadError>>>>;
 
 /// Feeds an upload's body to the blob store and, through a channel, to the artifact reader.
@@ -385,15 +390,22 @@ impl Feed {
         }
     }
 
-    /// Reads and drops the rest of the body (up to the limit), so the client gets the answer
-    /// instead of a broken connection.
+    /// Reads and drops the rest of the body, so the client gets the answer instead of a
+    /// broken connection: up to [`LINGER_BYTES`] beyond the limit and for at most
+    /// [`LINGER_TIME`] (as a web server's lingering close does), then the connection may end.
     async fn drain(&mut self) {
-        while let Some(Ok(chunk)) = self.body.next().await {
-            self.received += chunk.len() as u64;
-            if self.received > self.max {
-                break;
+        let cap = self.max.saturating_add(LINGER_BYTES);
+        let body = &mut self.body;
+        let received = &mut self.received;
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            while let Some(Ok(chunk)) = body.next().await {
+                *received += chunk.len() as u64;
+                if *received > cap {
+                    break;
+                }
             }
-        }
+        })
+        .await;
     }
 
     async fn next(&mut self) -> Option<io::Result<Bytes>> {
@@ -402,6 +414,7 @@ impl Feed {
                 self.received += chunk.len() as u64;
                 if self.received > self.max {
                     self.decide(Err(UploadError::TooLarge(self.max)));
+                    self.drain().await;
                     return Some(Err(io::Error::other("too large")));
                 }
                 if let Some(tx) = &self.tx
