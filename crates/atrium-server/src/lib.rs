@@ -121,6 +121,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     )
     .context("writing the CA bundle")?;
     let artifacts = artifacts::Artifacts::open(&config)?;
+    let interrupted = terminal::close_interrupted_sessions(&config.data_dir);
+    if interrupted > 0 {
+        tracing::warn!(
+            sessions = interrupted,
+            "terminal sessions left open by an earlier run are marked as ended"
+        );
+    }
     let created_admin_token = auth::bootstrap_admin_token(&store, &config.data_dir).await?;
     accounts::bootstrap_admin_user(&store, &config.data_dir).await?;
     let server_identity = ca

@@ -857,6 +857,37 @@ pub async fn list_sessions(
     Ok(Json(sessions))
 }
 
+/// Why a session that a stopped server left open is marked as ended.
+pub const INTERRUPTED: &str = "the server stopped during the session";
+
+/// Marks the sessions an earlier run of this node left without an end (it stopped or crashed
+/// while they were live) as ended, at their recording's last write; returns how many. Called
+/// at start, before any session of this run exists.
+pub fn close_interrupted_sessions(data_dir: &FsPath) -> usize {
+    let dir = dir(data_dir);
+    let mut closed = 0;
+    for mut view in read_summaries(&dir) {
+        if view.ended_ms.is_some() {
+            continue;
+        }
+        let last_write = std::fs::metadata(dir.join(format!("{}.cast", view.id)))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+            .unwrap_or(view.started_ms);
+        view.ended_ms = Some(last_write.max(view.started_ms));
+        view.reason = Some(INTERRUPTED.into());
+        match write_summary(data_dir, &view) {
+            Ok(()) => closed += 1,
+            Err(e) => {
+                tracing::warn!(session = %view.id, error = %e, "could not close an interrupted terminal session")
+            }
+        }
+    }
+    closed
+}
+
 fn read_summaries(dir: &FsPath) -> Vec<TerminalSessionView> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -1002,6 +1033,36 @@ mod tests {
             Err(ApiError::Conflict(_))
         ));
         assert!(hub.reserve("dev-2", "user:carol", 2, 10).is_ok());
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn sessions_left_open_by_an_earlier_run_are_closed_at_start() {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir(data.path())).unwrap();
+        let view = |id: &str, ended: Option<i64>| TerminalSessionView {
+            id: id.into(),
+            device_id: "d1".into(),
+            actor: "user:ops".into(),
+            started_ms: 1_000,
+            ended_ms: ended,
+            exit_code: ended.map(|_| 0),
+            reason: None,
+        };
+        write_summary(data.path(), &view("open", None)).unwrap();
+        std::fs::write(dir(data.path()).join("open.cast"), b"{}\n").unwrap();
+        write_summary(data.path(), &view("done", Some(2_000))).unwrap();
+        assert_eq!(close_interrupted_sessions(data.path()), 1);
+        let mut all = read_summaries(&dir(data.path()));
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(
+            all[0],
+            view("done", Some(2_000)),
+            "an ended session is left alone"
+        );
+        assert_eq!(all[1].reason.as_deref(), Some(INTERRUPTED));
+        assert!(all[1].ended_ms.is_some_and(|t| t >= 1_000));
+        assert_eq!(close_interrupted_sessions(data.path()), 0, "only once");
     }
 
     #[test]
