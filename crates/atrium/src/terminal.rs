@@ -29,6 +29,60 @@ use crate::client::{ApiError, Connection};
 
 type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
+/// Opens an operator WebSocket to the server with the API token (TLS that trusts the server's
+/// CA, Nagle off); a refusal is an [`ApiError`] with the server's reason. `what` names the
+/// socket in errors.
+pub(crate) async fn open_websocket(
+    tls: &Arc<rustls::ClientConfig>,
+    token: &str,
+    mut request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    what: &str,
+) -> anyhow::Result<Ws> {
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the token is not a valid header value")?,
+    );
+    let host = request
+        .uri()
+        .host()
+        .context("the server URL has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = request.uri().port_u16().unwrap_or(443);
+    let name =
+        ServerName::try_from(host.clone()).with_context(|| format!("bad server name {host}"))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(15),
+        TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .with_context(|| format!("connecting to {host}:{port} timed out"))?
+    .with_context(|| format!("cannot reach the server at {host}:{port}"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .context("TLS handshake with the server")?;
+    match tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let reason = response
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            let status = reqwest::StatusCode::from_u16(response.status().as_u16())
+                .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
+            Err(ApiError { status, reason }.into())
+        }
+        Err(e) => Err(e).with_context(|| format!("opening the {what} WebSocket")),
+    }
+}
+
 /// What the server sends on a terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TerminalEvent {
@@ -85,56 +139,14 @@ impl TerminalClient {
         if let Some(term) = &target.term {
             url.push_str(&format!("&term={term}"));
         }
-        let mut request = url
+        let request = url
             .as_str()
             .into_client_request()
             .with_context(|| format!("bad terminal URL {url}"))?;
-        request.headers_mut().insert(
-            "authorization",
-            HeaderValue::from_str(&format!("Bearer {}", target.token))
-                .context("the token is not a valid header value")?,
-        );
-        let host = request
-            .uri()
-            .host()
-            .context("the server URL has no host")?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = request.uri().port_u16().unwrap_or(443);
-        let name = ServerName::try_from(host.clone())
-            .with_context(|| format!("bad server name {host}"))?;
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(15),
-            TcpStream::connect((host.as_str(), port)),
-        )
-        .await
-        .with_context(|| format!("connecting to {host}:{port} timed out"))?
-        .with_context(|| format!("cannot reach the server at {host}:{port}"))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(target.tls.clone())
-            .connect(name, tcp)
-            .await
-            .context("TLS handshake with the server")?;
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .write_buffer_size(0)
             .max_message_size(Some(1024 * 1024));
-        let (ws, _) =
-            match tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await {
-                Ok(ws) => ws,
-                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                    let reason = response
-                        .body()
-                        .as_deref()
-                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-                        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                        .unwrap_or_default();
-                    let status = reqwest::StatusCode::from_u16(response.status().as_u16())
-                        .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
-                    return Err(ApiError { status, reason }.into());
-                }
-                Err(e) => return Err(e).context("opening the terminal WebSocket"),
-            };
+        let ws = open_websocket(&target.tls, &target.token, request, config, "terminal").await?;
         let (sink, mut stream) = ws.split();
         let session_id = match stream.next().await {
             Some(Ok(WsMessage::Text(text))) => {

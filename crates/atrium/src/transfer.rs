@@ -11,24 +11,20 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use atrium_server::transfers::TransferControl;
 use futures_util::{SinkExt as _, StreamExt as _};
-use rustls_pki_types::ServerName;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ApiError, Connection};
+use crate::client::Connection;
 
 type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
@@ -73,53 +69,13 @@ async fn connect(target: &Target, endpoint: &str, query: &[(&str, String)]) -> a
     }
     url.query_pairs_mut().extend_pairs(query);
     let ws_url = format!("wss{}", &url.as_str()["https".len()..]);
-    let mut request = ws_url
+    let request = ws_url
         .as_str()
         .into_client_request()
         .with_context(|| format!("bad URL {ws_url}"))?;
-    request.headers_mut().insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer {}", target.token))
-            .context("the token is not a valid header value")?,
-    );
-    let host = url
-        .host_str()
-        .context("the server URL has no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = url.port().unwrap_or(443);
-    let name =
-        ServerName::try_from(host.clone()).with_context(|| format!("bad server name {host}"))?;
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(15),
-        TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .with_context(|| format!("connecting to {host}:{port} timed out"))?
-    .with_context(|| format!("cannot reach the server at {host}:{port}"))?;
-    let _ = tcp.set_nodelay(true);
-    let tls = TlsConnector::from(target.tls.clone())
-        .connect(name, tcp)
-        .await
-        .context("TLS handshake with the server")?;
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(4 * 1024 * 1024));
-    match tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let reason = response
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                .unwrap_or_default();
-            let status = reqwest::StatusCode::from_u16(response.status().as_u16())
-                .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
-            Err(ApiError { status, reason }.into())
-        }
-        Err(e) => Err(e).context("opening the transfer WebSocket"),
-    }
+    crate::terminal::open_websocket(&target.tls, &target.token, request, config, "transfer").await
 }
 
 fn parse_control(text: &str) -> anyhow::Result<TransferControl> {
