@@ -82,6 +82,27 @@ pub struct StreamHandle {
 }
 
 impl StreamHandle {
+    /// Sends the operator's held-back input as far as the device's `credit` allows, keeping
+    /// the rest in `pending` for when more credit arrives.
+    pub async fn send_within_credit(&self, credit: &mut u64, pending: &mut Option<bytes::Bytes>) {
+        let Some(mut input) = pending.take() else {
+            return;
+        };
+        let n = usize::try_from(*credit)
+            .unwrap_or(usize::MAX)
+            .min(input.len());
+        if n > 0 {
+            let chunk = input.split_to(n);
+            *credit -= n as u64;
+            // A refused command means the link has ended the stream; the events still queued
+            // (output, then the close) say how, so they decide the end.
+            let _ = self.send(ToDevice::Data(chunk.to_vec())).await;
+        }
+        if !input.is_empty() {
+            *pending = Some(input);
+        }
+    }
+
     /// Sends a command to the link; false when the link has ended the stream (its events
     /// channel then closes after the queued events).
     pub async fn send(&self, command: ToDevice) -> bool {

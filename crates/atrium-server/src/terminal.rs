@@ -553,21 +553,9 @@ impl Session {
         let mut pending: Option<bytes::Bytes> = None;
         while end.is_none() {
             // Forward held-back input as far as the device's credit allows.
-            if let Some(mut input) = pending.take() {
-                let n = usize::try_from(self.credit)
-                    .unwrap_or(usize::MAX)
-                    .min(input.len());
-                if n > 0 {
-                    let chunk = input.split_to(n);
-                    self.credit -= n as u64;
-                    // A refused command means the link has ended the stream; the events
-                    // still queued (output, then the close) say how, so they decide the end.
-                    let _ = self.handle.send(ToDevice::Data(chunk.to_vec())).await;
-                }
-                if !input.is_empty() {
-                    pending = Some(input);
-                }
-            }
+            self.handle
+                .send_within_credit(&mut self.credit, &mut pending)
+                .await;
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(FromDevice::Data(data)) => {

@@ -676,20 +676,9 @@ impl Relay {
         let mut pending: Option<bytes::Bytes> = None;
         let mut operator_there = true;
         let step: End = loop {
-            if let Some(mut input) = pending.take() {
-                let n = usize::try_from(self.credit)
-                    .unwrap_or(usize::MAX)
-                    .min(input.len());
-                if n > 0 {
-                    let chunk = input.split_to(n);
-                    self.credit -= n as u64;
-                    // A refused send means the link ended the stream; the queued events say how.
-                    let _ = self.handle.send(ToDevice::Data(chunk.to_vec())).await;
-                }
-                if !input.is_empty() {
-                    pending = Some(input);
-                }
-            }
+            self.handle
+                .send_within_credit(&mut self.credit, &mut pending)
+                .await;
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(FromDevice::Data(data)) => {
