@@ -254,6 +254,14 @@ impl Rootfs {
         })
     }
 
+    /// The bootloader's `upgrade_available` ("1" while a new system is on trial).
+    fn upgrade_available(&self) -> Result<Option<String>, Error> {
+        let [upgrade] =
+            <[Option<String>; 1]>::try_from(self.config.env_get(&["upgrade_available"])?)
+                .map_err(|_| Error::Bootloader("fw_printenv: short answer".into()))?;
+        Ok(upgrade)
+    }
+
     fn point_to(&self, part: &Path, trial: bool) -> Result<(), Error> {
         let n = part_number(part)?;
         let mut vars = vec![
@@ -340,9 +348,7 @@ impl Handler for Rootfs {
                         booted.display()
                     )));
                 }
-                let [upgrade] =
-                    <[Option<String>; 1]>::try_from(self.config.env_get(&["upgrade_available"])?)
-                        .map_err(|_| Error::Bootloader("fw_printenv: short answer".into()))?;
+                let upgrade = self.upgrade_available()?;
                 if upgrade.as_deref() != Some("1") {
                     return Err(Error::Module(
                         "the bootloader is not trying the new system (upgrade_available is not 1)"
@@ -373,9 +379,7 @@ impl Handler for Rootfs {
                         booted.display()
                     )));
                 }
-                let [upgrade] =
-                    <[Option<String>; 1]>::try_from(self.config.env_get(&["upgrade_available"])?)
-                        .map_err(|_| Error::Bootloader("fw_printenv: short answer".into()))?;
+                let upgrade = self.upgrade_available()?;
                 if upgrade.as_deref() == Some("1") {
                     return Err(Error::Module(
                         "the bootloader is still trying the new system".into(),
