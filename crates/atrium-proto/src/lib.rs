@@ -269,6 +269,57 @@ pub struct ErrorMessage {
     pub message: String,
 }
 
+/// An update the server asks the device to install (a deployment's offer).
+///
+/// The server sends it when the device is due (its phase started, the download cap has room)
+/// and again on every reconnect while the device has not reported an end; the agent treats a
+/// repeated offer of a deployment it already runs or finished as a request for its status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentOffer {
+    /// The deployment's id.
+    pub deployment: String,
+    /// The artifact's id on the server.
+    pub artifact_id: String,
+    /// The artifact's name (`artifact_provides.artifact_name`).
+    pub artifact_name: String,
+    /// Size of the artifact file in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole artifact file, lowercase hex.
+    pub sha256: String,
+    /// Where to download it: an absolute URL, or a path the agent resolves against its server URL.
+    pub url: String,
+    /// The attempt this offer starts, from 1; a retry after a failure has a higher number.
+    pub attempt: u32,
+}
+
+/// Progress or outcome of a deployment on the device.
+///
+/// `status` is one of `downloading`, `installing`, `rebooting`, `verifying` (running the new
+/// software, not yet committed), `success`, `already-installed`, `failure`; the last three end
+/// the attempt. Unknown values are stored as reported and shown, never fatal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentStatus {
+    /// The deployment's id.
+    pub deployment: String,
+    /// The attempt (from the offer).
+    pub attempt: u32,
+    /// The state reached.
+    pub status: String,
+    /// Artifact bytes received so far.
+    pub bytes: u64,
+    /// Lines of the install log since the previous status of this attempt (the device's own
+    /// log; the server appends them, bounded).
+    pub log: Vec<String>,
+}
+
+/// The server withdraws a deployment (aborted): an agent that has not started installing drops
+/// it; one already installing finishes and reports as usual.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentCancel {
+    /// The deployment's id.
+    pub deployment: String,
+}
+
 /// Every message of protocol version 1. New messages are only ever appended, with a new kind byte.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -312,6 +363,12 @@ pub enum Message {
     Goodbye(String),
     /// The terminal behind a stream changed size.
     StreamResize(StreamResize),
+    /// The server asks the device to install an update.
+    DeploymentOffer(DeploymentOffer),
+    /// The device reports a deployment's progress or outcome.
+    DeploymentStatus(DeploymentStatus),
+    /// The server withdraws a deployment.
+    DeploymentCancel(DeploymentCancel),
 }
 
 macro_rules! kinds {
@@ -381,6 +438,9 @@ kinds! {
     18 => Error(ErrorMessage), "error";
     19 => Goodbye(String), "goodbye";
     20 => StreamResize(StreamResize), "stream-resize";
+    21 => DeploymentOffer(DeploymentOffer), "deployment-offer";
+    22 => DeploymentStatus(DeploymentStatus), "deployment-status";
+    23 => DeploymentCancel(DeploymentCancel), "deployment-cancel";
 }
 
 fn finish<'a, T: Deserialize<'a>>(body: &'a [u8], kind: &'static str) -> Result<T, ProtoError> {

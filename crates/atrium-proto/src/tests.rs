@@ -81,6 +81,25 @@ fn sample_messages() -> Vec<Message> {
             cols: 132,
             rows: 43,
         }),
+        Message::DeploymentOffer(DeploymentOffer {
+            deployment: "d-1".into(),
+            artifact_id: "a-1".into(),
+            artifact_name: "gateway-2.1".into(),
+            size: 1 << 30,
+            sha256: "ab".repeat(32),
+            url: "/api/v1/artifact-downloads/a-1?expires=1&sig=x".into(),
+            attempt: 2,
+        }),
+        Message::DeploymentStatus(DeploymentStatus {
+            deployment: "d-1".into(),
+            attempt: 2,
+            status: "downloading".into(),
+            bytes: 4096,
+            log: vec!["Download: started".into()],
+        }),
+        Message::DeploymentCancel(DeploymentCancel {
+            deployment: "d-1".into(),
+        }),
     ]
 }
 
@@ -99,7 +118,7 @@ fn every_message_round_trips_and_kinds_are_distinct() {
         assert_eq!(kind_name(bytes[2]), Some(frame.message.name()));
         assert_eq!(Frame::decode(&bytes), Ok(frame));
     }
-    assert_eq!(kinds.len(), 20, "a new message needs a sample here");
+    assert_eq!(kinds.len(), 23, "a new message needs a sample here");
 }
 
 #[test]
