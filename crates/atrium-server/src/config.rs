@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub retention_readings_days: u32,
     /// Room history minutes and events older than this many days are deleted.
     pub retention_history_days: u32,
+    /// Webhook deliveries that ended (delivered or failed) more than this many days ago are
+    /// deleted from the delivery log.
+    pub retention_webhook_deliveries_days: u32,
     /// External systems kept in step with the device lifecycle, twins and rooms
     /// (`[[integrations]]` tables in the file; see docs/INTEGRATIONS.md).
     pub integrations: Vec<IntegrationConfig>,
@@ -221,6 +224,7 @@ impl Default for ServerConfig {
             telemetry_max_future_ms: 5 * 60_000,
             retention_readings_days: 30,
             retention_history_days: 730,
+            retention_webhook_deliveries_days: 30,
             integrations: Vec::new(),
             terminal_record_input: false,
             terminal_max_per_device: 4,

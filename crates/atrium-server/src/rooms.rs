@@ -394,6 +394,13 @@ pub async fn flush(hub: std::sync::Arc<crate::Ctx>, shutdown: CancellationToken)
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "retention failed"),
                 }
+                let deliveries_before =
+                    now - i64::from(ctx.config.retention_webhook_deliveries_days) * DAY_MS;
+                match ctx.store.purge_webhook_deliveries(deliveries_before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deliveries = n, "retention deleted old webhook deliveries"),
+                    Err(e) => tracing::warn!(error = %e, "webhook delivery retention failed"),
+                }
                 continue;
             }
             _ = shutdown.cancelled() => true,

@@ -345,4 +345,15 @@ impl Store {
             .await?;
         found.iter().map(delivery).collect()
     }
+
+    /// Deletes ended deliveries (delivered or failed) last changed before `before_ms`, so the
+    /// delivery log does not grow for ever; pending ones are kept whatever their age. Returns
+    /// how many were deleted.
+    pub async fn purge_webhook_deliveries(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let q = sqlx::query(
+            "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND updated_ms < $1",
+        )
+        .bind(before_ms);
+        self.execute_write(q).await
+    }
 }

@@ -88,6 +88,22 @@ async fn deliveries_follow_subscriptions_and_attempts(db: &TestDb) {
     );
     assert_eq!(s.due_deliveries(T0 + 5000, 10).await.unwrap().len(), 2);
 
+    // Retention deletes ended deliveries older than the cut-off, never pending ones.
+    assert_eq!(s.purge_webhook_deliveries(T0 + 2000).await.unwrap(), 0);
+    assert_eq!(
+        s.purge_webhook_deliveries(i64::MAX).await.unwrap(),
+        1,
+        "only the delivered one goes"
+    );
+    assert!(
+        !s.deliveries(&first.webhook_id, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|d| d.id == first.id)
+    );
+    assert_eq!(s.due_deliveries(T0 + 5000, 10).await.unwrap().len(), 2);
+
     s.delete_webhook(&all.id, op("webhook.delete", &all.id, T0))
         .await
         .unwrap();
