@@ -46,6 +46,14 @@ fn open(settings: atrium_agent::update::Settings, server: &str) -> Deployments {
     Deployments::open(settings, server, None).expect("deployment client")
 }
 
+/// Serves `artifact` and opens a client of that server, with the link up.
+fn serve_and_open(d: &Device, artifact: &Path) -> (Served, Deployments, deploy::LinkUp) {
+    let served = serve_with(fs::read(artifact).expect("artifact"), 0, None);
+    let client = open(d.settings(), &origin(&served));
+    let up = client.link_up();
+    (served, client, up)
+}
+
 /// The next status, as the link takes it: sent, then acknowledged.
 async fn next(d: &Deployments) -> DeploymentStatus {
     let status = tokio::time::timeout(Duration::from_secs(60), d.next_status())
@@ -118,9 +126,7 @@ async fn single_file_and_module_deployments_succeed_without_reboot() {
     let dest = d.path("etc-app");
     let a = d.path("a.mender");
     single_file("conf-2", &dest, "v2\n").write(&a, None);
-    let served = serve_with(fs::read(&a).expect("artifact"), 0, None);
-    let client = open(d.settings(), &origin(&served));
-    let _up = client.link_up();
+    let (served, client, _up) = serve_and_open(&d, &a);
 
     client.offer(offer("dep-1", 1, "conf-2", &a));
     // A second deployment while the first runs gets no answer.
@@ -163,9 +169,7 @@ async fn single_file_and_module_deployments_succeed_without_reboot() {
         vec![("one.bin", content.clone())],
     )
     .write(&b, None);
-    let served = serve_with(fs::read(&b).expect("artifact"), 0, None);
-    let client = open(d.settings(), &origin(&served));
-    let _up = client.link_up();
+    let (served, client, _up) = serve_and_open(&d, &b);
     client.offer(offer("dep-2", 1, "mod-1", &b));
     let statuses = until(&client, "").await;
     assert_eq!(
@@ -191,9 +195,7 @@ async fn installed_artifact_is_already_installed_and_a_wrong_file_fails() {
     let dest = d.path("etc-app");
     let a = d.path("a.mender");
     single_file("conf-2", &dest, "v2\n").write(&a, None);
-    let served = serve_with(fs::read(&a).expect("artifact"), 0, None);
-    let client = open(d.settings(), &origin(&served));
-    let _up = client.link_up();
+    let (served, client, _up) = serve_and_open(&d, &a);
 
     // `release-1` is what the factory installed (artifact_info).
     client.offer(offer("dep-1", 1, "release-1", &a));
@@ -213,10 +215,11 @@ async fn installed_artifact_is_already_installed_and_a_wrong_file_fails() {
     assert_eq!(d.installed(), "release-1");
 }
 
-#[tokio::test]
-async fn ab_deployment_reboots_and_commits_once_verified_after_the_restart() {
+/// An A/B device whose health check exits with `health`, offered `release-2` over a link
+/// that is up.
+fn ab_deployment(health: i32) -> (Ab, Served, Deployments, deploy::LinkUp) {
     let ab = Ab::new();
-    let extra = format!("{}{}", healthy_script(&ab.d, 0), reboot_script(&ab.d));
+    let extra = format!("{}{}", healthy_script(&ab.d, health), reboot_script(&ab.d));
     ab.config(&extra);
     let a = ab.d.path("a.mender");
     rootfs_artifact(&a, vec![]);
@@ -224,15 +227,17 @@ async fn ab_deployment_reboots_and_commits_once_verified_after_the_restart() {
     let client = open(ab.d.settings(), &origin(&served));
     let up = client.link_up();
     client.offer(offer("dep-ab", 1, "release-2", &a));
+    (ab, served, client, up)
+}
+
+#[tokio::test]
+async fn ab_deployment_reboots_and_commits_once_verified_after_the_restart() {
+    let (ab, served, client, up) = ab_deployment(0);
     let statuses = until(&client, "installing").await;
     assert_eq!(names(&statuses), ["downloading", "installing"]);
     // The link drops: `rebooting` cannot be sent before the reboot.
     drop(up);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !ab.d.path("rebooted").exists() {
-        assert!(std::time::Instant::now() < deadline, "no reboot");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(&ab.d.path("rebooted")).await;
     drop(client);
 
     // The device boots the new system; the agent starts again.
@@ -259,15 +264,7 @@ async fn ab_deployment_reboots_and_commits_once_verified_after_the_restart() {
 
 #[tokio::test]
 async fn ab_deployment_that_fails_its_health_check_rolls_back() {
-    let ab = Ab::new();
-    let extra = format!("{}{}", healthy_script(&ab.d, 3), reboot_script(&ab.d));
-    ab.config(&extra);
-    let a = ab.d.path("a.mender");
-    rootfs_artifact(&a, vec![]);
-    let served = serve_with(fs::read(&a).expect("artifact"), 0, None);
-    let client = open(ab.d.settings(), &origin(&served));
-    let up = client.link_up();
-    client.offer(offer("dep-ab", 1, "release-2", &a));
+    let (ab, served, client, up) = ab_deployment(3);
     let statuses = until(&client, "rebooting").await;
     assert_eq!(names(&statuses), ["downloading", "installing", "rebooting"]);
     wait_for(&ab.d.path("rebooted")).await;
@@ -374,11 +371,14 @@ fn slow_streamer(d: &Device) {
     fs::create_dir_all(d.path("installed")).expect("dir");
 }
 
-#[tokio::test]
-async fn cancel_stops_a_download_and_is_ignored_once_installing() {
-    let d = Device::new();
-    slow_streamer(&d);
-    let big = noise(3 << 20);
+/// `big-1`: `len` incompressible bytes for the streaming module, served `throttle`d.
+fn slow_download(
+    d: &Device,
+    len: usize,
+    throttle: (usize, Duration),
+) -> (std::path::PathBuf, Vec<u8>, Served) {
+    slow_streamer(d);
+    let big = noise(len);
     let a = d.path("a.mender");
     Art::new(
         "big-1",
@@ -386,11 +386,14 @@ async fn cancel_stops_a_download_and_is_ignored_once_installing() {
         vec![("one.bin", big.clone())],
     )
     .write(&a, None);
-    let served = serve_with(
-        fs::read(&a).expect("artifact"),
-        0,
-        Some((32 << 10, Duration::from_millis(40))),
-    );
+    let served = serve_with(fs::read(&a).expect("artifact"), 0, Some(throttle));
+    (a, big, served)
+}
+
+#[tokio::test]
+async fn cancel_stops_a_download_and_is_ignored_once_installing() {
+    let d = Device::new();
+    let (a, big, served) = slow_download(&d, 3 << 20, (32 << 10, Duration::from_millis(40)));
     let client = open(d.settings(), &origin(&served));
     let _up = client.link_up();
     client.offer(offer("dep-1", 1, "big-1", &a));
@@ -425,9 +428,7 @@ async fn cancel_stops_a_download_and_is_ignored_once_installing() {
 
     // Once installing, a cancel changes nothing.
     fs::write(d.path("slow-install"), "").expect("slow");
-    let served = serve_with(fs::read(&a).expect("artifact"), 0, None);
-    let client = open(d.settings(), &origin(&served));
-    let _up = client.link_up();
+    let (_served, client, _up) = serve_and_open(&d, &a);
     client.offer(offer("dep-2", 1, "big-1", &a));
     let statuses = until(&client, "installing").await;
     assert_eq!(statuses.last().expect("installing").status, "installing");
@@ -461,20 +462,7 @@ async fn deployment_client_process() {
 #[tokio::test]
 async fn restart_mid_download_starts_again_with_the_next_offer() {
     let d = Device::new();
-    slow_streamer(&d);
-    let big = noise(2 << 20);
-    let a = d.path("a.mender");
-    Art::new(
-        "big-1",
-        PayloadKind::Module("streamer".into()),
-        vec![("one.bin", big.clone())],
-    )
-    .write(&a, None);
-    let served = serve_with(
-        fs::read(&a).expect("artifact"),
-        0,
-        Some((64 << 10, Duration::from_millis(100))),
-    );
+    let (a, big, served) = slow_download(&d, 2 << 20, (64 << 10, Duration::from_millis(100)));
     let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "deployment_client_process",
