@@ -643,7 +643,8 @@ impl Deployments {
         }
     }
 
-    /// Whether an attempt is being worked on (for tests and the status command).
+    /// Whether an attempt is being worked on or waits for its reboot (offers of other
+    /// deployments wait meanwhile).
     pub fn busy(&self) -> bool {
         self.shared.inner().busy()
     }
