@@ -677,12 +677,13 @@ async fn install(
         inner: fetch::start(shared.http.clone(), url, fetch::DEFAULT_RETRIES),
         cancel: cancel.clone(),
     };
-    let expected = Expected {
+    // An offer without a checksum still gets the artifact's own checks (manifest, signature).
+    let expected = (!offer.sha256.is_empty()).then(|| Expected {
         size: offer.size,
         sha256: offer.sha256.clone(),
-    };
+    });
     let result = blocking(shared, &deployment, attempt, move |installer| {
-        installer.install_checked(source, Some(&expected))
+        installer.install_checked(source, expected.as_ref())
     })
     .await;
     if result.is_err() && cancel.load(Ordering::Relaxed) {
