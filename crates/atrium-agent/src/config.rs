@@ -152,6 +152,15 @@ impl AgentConfig {
         .unwrap_or_else(|| "gateway".into())
     }
 
+    /// What the update installer works with: the data directory, device type and `[update]`.
+    pub fn update_settings(&self) -> crate::update::Settings {
+        crate::update::Settings {
+            data_dir: self.data_dir.clone(),
+            device_type: self.device_type.clone(),
+            update: self.update.clone(),
+        }
+    }
+
     /// The link URL, derived from the API URL when not set.
     pub fn link_url(&self) -> String {
         if !self.link_url.is_empty() {

@@ -62,6 +62,32 @@ pub fn collect() -> BTreeMap<String, String> {
     attrs
 }
 
+/// Everything the agent reports: [`collect`] and [`software`].
+pub fn report(settings: &crate::update::Settings) -> BTreeMap<String, String> {
+    let mut attrs = collect();
+    attrs.extend(software(settings));
+    attrs
+}
+
+/// The software attributes the server picks artifacts by: `device_type`, the installed
+/// `artifact_name` (and `artifact_group`), and the installed artifact's provides
+/// (`rootfs-image.version`, ...), as Mender's inventory has them.
+pub fn software(settings: &crate::update::Settings) -> BTreeMap<String, String> {
+    let mut attrs = BTreeMap::new();
+    attrs.insert("device_type".into(), settings.device_type.clone());
+    match settings.installed() {
+        Ok(installed) => {
+            attrs.extend(installed.provides);
+            attrs.insert("artifact_name".into(), installed.artifact_name);
+            if let Some(group) = installed.artifact_group {
+                attrs.insert("artifact_group".into(), group);
+            }
+        }
+        Err(e) => tracing::warn!("inventory without the installed artifact: {e}"),
+    }
+    attrs
+}
+
 /// Attributes that change by themselves all the time and so do not make inventory "changed".
 pub const VOLATILE: &[&str] = &["uptime_s", "memory_available_kb", "disk_root_available_kb"];
 
@@ -132,6 +158,44 @@ mod tests {
         ] {
             assert!(inv.contains_key(key), "missing {key}: {inv:?}");
         }
+    }
+
+    #[test]
+    fn software_is_the_device_type_and_the_installed_artifact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let info = dir.path().join("artifact_info");
+        std::fs::write(&info, "artifact_name=factory-1\n").expect("info");
+        let settings = crate::update::Settings {
+            data_dir: dir.path().join("data"),
+            device_type: "gw-x".into(),
+            update: crate::update::UpdateConfig {
+                artifact_info: info,
+                ..Default::default()
+            },
+        };
+        let soft = software(&settings);
+        assert_eq!(soft.get("device_type").map(String::as_str), Some("gw-x"));
+        assert_eq!(
+            soft.get("artifact_name").map(String::as_str),
+            Some("factory-1")
+        );
+        let installed = crate::update::state::Provides {
+            artifact_name: "release-2".into(),
+            artifact_group: Some("beta".into()),
+            provides: [("rootfs-image.version".into(), "release-2".into())].into(),
+        };
+        crate::update::state::write_json(&dir.path().join("data/update/provides.json"), &installed)
+            .expect("provides");
+        let all = report(&settings);
+        for (key, value) in [
+            ("artifact_name", "release-2"),
+            ("artifact_group", "beta"),
+            ("rootfs-image.version", "release-2"),
+            ("device_type", "gw-x"),
+        ] {
+            assert_eq!(all.get(key).map(String::as_str), Some(value), "{key}");
+        }
+        assert!(all.contains_key("agent_version"));
     }
 
     #[test]

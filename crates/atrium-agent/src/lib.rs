@@ -301,7 +301,13 @@ impl Agent {
                 (None, Vec::new())
             }
         };
-        let result = self.life(&http, forwarder.as_mut(), &shutdown).await;
+        let deployments = self.deployments();
+        if let Some(d) = &deployments {
+            d.start();
+        }
+        let result = self
+            .life(&http, forwarder.as_mut(), deployments.as_ref(), &shutdown)
+            .await;
         intake_stop.cancel();
         drop(forwarder);
         for task in tasks {
@@ -310,10 +316,33 @@ impl Agent {
         result
     }
 
+    /// The deployment client (none when it cannot start: the agent runs on without it).
+    fn deployments(&self) -> Option<update::deploy::Deployments> {
+        let tls = match atrium_pki::tls::client_config(&self.roots, None) {
+            Ok(tls) => rustls::ClientConfig::clone(&tls),
+            Err(e) => {
+                tracing::error!(error = %e, "deployments are off: no TLS configuration");
+                return None;
+            }
+        };
+        match update::deploy::Deployments::open(
+            self.config.update_settings(),
+            &self.config.server_url,
+            Some(tls),
+        ) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, "deployments are off");
+                None
+            }
+        }
+    }
+
     async fn life(
         &self,
         http: &reqwest::Client,
         mut forwarder: Option<&mut forward::Forwarder>,
+        deployments: Option<&update::deploy::Deployments>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(Duration::from_secs(self.config.max_backoff_s.max(1)));
@@ -329,7 +358,8 @@ impl Agent {
                 },
             };
             self.set_state(AgentState::Connecting);
-            let outcome = link::run(self, chain, shutdown, forwarder.as_deref_mut()).await;
+            let outcome =
+                link::run(self, chain, shutdown, forwarder.as_deref_mut(), deployments).await;
             let wait = match outcome {
                 link::Outcome::Shutdown => return Ok(()),
                 link::Outcome::Renewed => continue,

@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::Forwarder;
+use crate::update::deploy::{self, Deployments};
 use crate::{Agent, AgentState};
 
 /// How a link session ended.
@@ -47,6 +48,7 @@ pub async fn run(
     chain: Vec<CertificateDer<'static>>,
     shutdown: &CancellationToken,
     forward: Option<&mut Forwarder>,
+    deployments: Option<&Deployments>,
 ) -> Outcome {
     let lifetime = match chain.first().map(atrium_pki::cert_validity) {
         Some(Ok(validity)) => validity,
@@ -65,7 +67,9 @@ pub async fn run(
         out: SeqCounter::default(),
         inbound: SeqCheck::default(),
     };
-    session.serve(agent, lifetime, shutdown, forward).await
+    session
+        .serve(agent, lifetime, shutdown, forward, deployments)
+        .await
 }
 
 fn is_tls_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -151,6 +155,14 @@ async fn connect(agent: &Agent, chain: Vec<CertificateDer<'static>>) -> Result<W
     Ok(ws)
 }
 
+/// The next deployment status to send, or never without a deployment client.
+async fn next_status(deployments: Option<&Deployments>) -> atrium_proto::DeploymentStatus {
+    match deployments {
+        Some(d) => d.next_status().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next telemetry batch to send, or never when the agent has no intake.
 async fn next_batch(forward: Option<&mut Forwarder>) -> atrium_proto::TelemetryBatch {
     match forward {
@@ -208,6 +220,7 @@ impl Session {
         (not_before, not_after): (i64, i64),
         shutdown: &CancellationToken,
         mut forward: Option<&mut Forwarder>,
+        deployments: Option<&Deployments>,
     ) -> Outcome {
         let lost = |reason: String, was_up: bool| Outcome::Lost { reason, was_up };
         let hello = Hello {
@@ -235,6 +248,9 @@ impl Session {
         agent.set_state(AgentState::Connected {
             device_id: welcome.device_id.clone(),
         });
+        // A deployment verifying new software waits for this; dropped when the link ends.
+        let _link_up = deployments.map(Deployments::link_up);
+        let update_settings = agent.config().update_settings();
 
         let heartbeat = Duration::from_secs(u64::from(welcome.heartbeat_s.max(1)));
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -291,7 +307,7 @@ impl Session {
                     }
                 }
                 _ = inventory_tick.tick() => {
-                    let current = crate::inventory::collect();
+                    let current = crate::inventory::report(&update_settings);
                     let hourly = last_inventory_sent.elapsed() >= Duration::from_secs(3600);
                     if last_inventory.is_empty() || hourly || crate::inventory::changed(&last_inventory, &current) {
                         if let Err(e) = self.send(Message::Inventory(current.clone())).await {
@@ -321,6 +337,19 @@ impl Session {
                 message = services.outgoing() => {
                     if let Err(e) = self.send(message).await {
                         return lost(e, true);
+                    }
+                }
+                status = next_status(deployments) => {
+                    let end = deploy::is_end(&status.status);
+                    if let Err(e) = self.send(Message::DeploymentStatus(status.clone())).await {
+                        return lost(e, true);
+                    }
+                    if let Some(d) = deployments {
+                        d.sent(&status);
+                    }
+                    if end {
+                        // The installed artifact may have changed: the inventory says so now.
+                        inventory_tick.reset_immediately();
                     }
                 }
                 batch = next_batch(forward.as_deref_mut()) => {
@@ -379,6 +408,15 @@ impl Session {
                                 && let Err(e) = self.send(report).await
                             {
                                 return lost(e, true);
+                            }
+                        }
+                        Message::DeploymentOffer(offer) => match deployments {
+                            Some(d) => d.offer(offer),
+                            None => tracing::warn!(deployment = %offer.deployment, "deployment offer ignored: deployments are off"),
+                        },
+                        Message::DeploymentCancel(cancel) => {
+                            if let Some(d) = deployments {
+                                d.cancel(&cancel.deployment);
                             }
                         }
                         Message::Error(e) => {

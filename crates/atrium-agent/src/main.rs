@@ -126,11 +126,7 @@ fn update_settings(
     if let Some(dir) = modules_dir {
         config.update.modules_dir = dir;
     }
-    let settings = atrium_agent::update::Settings {
-        data_dir: config.data_dir.clone(),
-        device_type: config.device_type.clone(),
-        update: config.update.clone(),
-    };
+    let settings = config.update_settings();
     Ok((config, settings))
 }
 
@@ -240,13 +236,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(dir) = modules_dir {
                 config.update.modules_dir = dir;
             }
-            // An update interrupted by a reboot or a power cut continues before anything else.
-            let settings = atrium_agent::update::Settings {
-                data_dir: config.data_dir.clone(),
-                device_type: config.device_type.clone(),
-                update: config.update.clone(),
-            };
-            match Installer::new(settings).and_then(|mut i| i.resume()) {
+            // An update interrupted by a reboot or a power cut continues before anything else;
+            // the deployment that started it learns the outcome.
+            match atrium_agent::update::deploy::resume_at_start(&config.update_settings()) {
                 Ok(Outcome::Nothing) => {}
                 Ok(outcome) => tracing::info!(?outcome, "update resumed"),
                 Err(e) => tracing::warn!("resuming the update: {e}"),
@@ -276,10 +268,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::ShowIdentity(flags) => {
             let config = load(cli.config, flags)?;
+            let inventory = atrium_agent::inventory::report(&config.update_settings());
             let agent = Agent::new(config)?;
             let out = serde_json::json!({
                 "identity": agent.identity(),
-                "inventory": atrium_agent::inventory::collect(),
+                "inventory": inventory,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())

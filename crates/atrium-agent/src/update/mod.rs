@@ -14,6 +14,7 @@
 //! log, and survives a kill at any step: [`Installer::resume`] continues or rolls back.
 
 pub mod builtin;
+pub mod deploy;
 pub mod fetch;
 pub mod modules;
 pub mod scripts;
@@ -103,6 +104,12 @@ pub struct UpdateConfig {
     /// Command that reboots the device when an update needs it; empty: the operator reboots
     /// (`install` exits with code 4).
     pub reboot_command: Vec<String>,
+    /// Command a deployment runs on the new software before it commits it (program and
+    /// arguments); exit code 0 means healthy. Empty: only the link to the server must come up.
+    pub health_check: Vec<String>,
+    /// How long a deployment waits for the link and the health check before it rolls back,
+    /// seconds.
+    pub health_check_timeout_s: u64,
     /// The A/B settings of `rootfs-image`.
     pub rootfs: builtin::RootfsConfig,
 }
@@ -119,6 +126,8 @@ impl Default for UpdateConfig {
             script_retry_interval_s: 60,
             script_retry_timeout_s: 1800,
             reboot_command: Vec::new(),
+            health_check: Vec::new(),
+            health_check_timeout_s: 120,
             rootfs: builtin::RootfsConfig::default(),
         }
     }
@@ -291,6 +300,11 @@ impl Installer {
         self.log.take()
     }
 
+    /// The install log (lines added here reach the listener too).
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
     fn state_path(&self) -> PathBuf {
         self.settings.data_dir.join("update/state.json")
     }
@@ -432,6 +446,16 @@ impl Installer {
     /// Installs an artifact read from `input`: Download (verifying as it streams), then
     /// ArtifactInstall, and as far as the update can go without a reboot or a commit.
     pub fn install(&mut self, input: impl Read) -> Result<Outcome, Error> {
+        self.install_checked(input, None)
+    }
+
+    /// [`Installer::install`], checking the whole file's size and SHA-256 against `expected`
+    /// before the Download state ends.
+    pub fn install_checked(
+        &mut self,
+        input: impl Read,
+        expected: Option<&Expected>,
+    ) -> Result<Outcome, Error> {
         if let Some(st) = self.in_progress()? {
             return Err(Error::Busy(st.artifact_name));
         }
@@ -448,15 +472,13 @@ impl Installer {
             bytes: 0,
         };
         let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = Counting {
+        let mut counted = Counting {
             inner: input,
             count: total.clone(),
             log: self.log.clone(),
+            hash: expected.map(|_| sha2::Digest::new()),
         };
-        let result = atrium_artifact::read(counted, &options, &mut sink);
-        self.log.event(Event::Bytes(
-            total.load(std::sync::atomic::Ordering::Relaxed),
-        ));
+        let result = atrium_artifact::read(&mut counted, &options, &mut sink);
         let mut handler = sink.handler.take();
         let st = sink.state.take();
         let result = result.map_err(|e| match e {
@@ -466,6 +488,13 @@ impl Installer {
             },
             other => Error::Artifact(other),
         });
+        let result = match (result, expected) {
+            (Ok(artifact), Some(expected)) => counted.check(expected).map(|()| artifact),
+            (result, _) => result,
+        };
+        self.log.event(Event::Bytes(
+            total.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         let Some(mut st) = st else {
             // Refused before anything was written (signature, compatibility, format).
             return Err(result.err().unwrap_or(Error::Module("no header".into())));
@@ -780,17 +809,7 @@ impl Installer {
     }
 
     fn reboot(&self, artifact_name: String) -> Result<Outcome, Error> {
-        let cmd = &self.settings.update.reboot_command;
-        if let Some((program, args)) = cmd.split_first() {
-            self.log.line(format!("rebooting: {}", cmd.join(" ")));
-            let status = std::process::Command::new(program)
-                .args(args)
-                .status()
-                .map_err(|e| Error::Config(format!("reboot command: {e}")))?;
-            if !status.success() {
-                return Err(Error::Config(format!("reboot command failed ({status})")));
-            }
-        }
+        reboot(&self.settings.update.reboot_command, &self.log)?;
         Ok(Outcome::RebootRequired { artifact_name })
     }
 
@@ -858,23 +877,83 @@ impl Installer {
     }
 }
 
-/// Counts the artifact's bytes for progress (an event every MiB).
+/// Runs the configured reboot command (nothing when it is empty: the operator reboots).
+pub fn reboot(cmd: &[String], log: &Log) -> Result<(), Error> {
+    if let Some((program, args)) = cmd.split_first() {
+        log.line(format!("rebooting: {}", cmd.join(" ")));
+        let status = std::process::Command::new(program)
+            .args(args)
+            .status()
+            .map_err(|e| Error::Config(format!("reboot command: {e}")))?;
+        if !status.success() {
+            return Err(Error::Config(format!("reboot command failed ({status})")));
+        }
+    }
+    Ok(())
+}
+
+/// The whole artifact file as its source describes it (a deployment's offer): checked once the
+/// artifact was read, before the Download state ends, so nothing is installed from a file that
+/// differs from the one offered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+}
+
+/// Counts the artifact's bytes for progress (an event every MiB) and hashes them when the
+/// whole file is to be checked.
 struct Counting<R> {
     inner: R,
     count: Arc<std::sync::atomic::AtomicU64>,
     log: Log,
+    hash: Option<sha2::Sha256>,
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
         use std::sync::atomic::Ordering;
         let n = self.inner.read(buf)?;
+        if let Some(hash) = &mut self.hash {
+            hash.update(&buf[..n]);
+        }
         let before = self.count.fetch_add(n as u64, Ordering::Relaxed);
         let after = before + n as u64;
         if after >> 20 != before >> 20 {
             self.log.event(Event::Bytes(after));
         }
         Ok(n)
+    }
+}
+
+impl<R: Read> Counting<R> {
+    /// Reads what the artifact reader left (the archive's end blocks) and compares the whole
+    /// file with `expected`.
+    fn check(&mut self, expected: &Expected) -> Result<(), Error> {
+        use sha2::Digest as _;
+        let read = self.count.load(std::sync::atomic::Ordering::Relaxed);
+        // One byte more than announced tells a longer file from the right one.
+        let rest = expected.size.saturating_sub(read) + 1;
+        std::io::copy(&mut self.by_ref().take(rest), &mut std::io::sink())
+            .map_err(|e| Error::Download(e.to_string()))?;
+        let size = self.count.load(std::sync::atomic::Ordering::Relaxed);
+        if size != expected.size {
+            return Err(Error::Download(format!(
+                "the artifact has {size} bytes, {} were announced",
+                expected.size
+            )));
+        }
+        let sha256 = hex::encode(self.hash.take().unwrap_or_default().finalize());
+        if !sha256.eq_ignore_ascii_case(&expected.sha256) {
+            return Err(Error::Download(format!(
+                "the artifact's SHA-256 is {sha256}, {} was announced",
+                expected.sha256
+            )));
+        }
+        Ok(())
     }
 }
 
