@@ -39,6 +39,9 @@ enum Answer {
     Drop,
 }
 
+/// Decides a device's answer from its id and the offers the fleet received before.
+type Answerer = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
+
 /// Everything the simulated devices received, by device.
 type Inbox = Arc<Mutex<HashMap<String, Vec<Message>>>>;
 
@@ -73,7 +76,7 @@ async fn go_online(
     server: &TestServer,
     device: &Device,
     inbox: &Inbox,
-    answer: Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>,
+    answer: Answerer,
 ) -> tokio::task::JoinHandle<()> {
     let mut link = RawLink::connect(server, &device.key, &device.chain).await;
     let id = device.id.clone();
@@ -310,7 +313,7 @@ async fn phased_rollout_with_pause_join_and_reconnect(backend: Backend) {
     // device to be offered anything drops its link once.
     let inbox: Inbox = Arc::default();
     let dropper = Arc::new(Mutex::new(None::<String>));
-    let answer: Arc<dyn Fn(&str, usize) -> Answer + Send + Sync> = {
+    let answer: Answerer = {
         let dropper = dropper.clone();
         Arc::new(move |id: &str, _: usize| {
             let mut d = dropper.lock().expect("dropper");
@@ -558,14 +561,13 @@ async fn halt_resume_and_abort(backend: Backend) {
     assert!(status.is_success(), "{body}");
     // The first two offers fail, the rest hold (installing for ever).
     let inbox: Inbox = Arc::default();
-    let answer: Arc<dyn Fn(&str, usize) -> Answer + Send + Sync> =
-        Arc::new(|_: &str, before: usize| {
-            if before < 2 {
-                Answer::Fail
-            } else {
-                Answer::Hold
-            }
-        });
+    let answer: Answerer = Arc::new(|_: &str, before: usize| {
+        if before < 2 {
+            Answer::Fail
+        } else {
+            Answer::Hold
+        }
+    });
     let mut tasks = Vec::new();
     for d in &fleet {
         tasks.push(go_online(&server, d, &inbox, answer.clone()).await);
