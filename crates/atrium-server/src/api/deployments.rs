@@ -443,3 +443,40 @@ pub async fn abort(
     }
     Ok(Json(view))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_documents_the_deployments_api() {
+        use utoipa::OpenApi as _;
+        let doc = serde_json::to_value(super::super::ApiDoc::openapi()).expect("json");
+        for (path, method) in [
+            ("/api/v1/deployments", "post"),
+            ("/api/v1/deployments", "get"),
+            ("/api/v1/deployments/{id}", "get"),
+            ("/api/v1/deployments/{id}/devices", "get"),
+            ("/api/v1/deployments/{id}/devices/{device}/log", "get"),
+            ("/api/v1/deployments/{id}/pause", "post"),
+            ("/api/v1/deployments/{id}/resume", "post"),
+            ("/api/v1/deployments/{id}/abort", "post"),
+            ("/api/v1/devices/{id}/deployments", "get"),
+        ] {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} missing"
+            );
+        }
+        for schema in [
+            "DeploymentRequest",
+            "DeploymentView",
+            "DeploymentDeviceView",
+            "PhaseSpec",
+            "PhaseView",
+        ] {
+            assert!(
+                doc["components"]["schemas"][schema].is_object(),
+                "{schema} missing"
+            );
+        }
+    }
+}
