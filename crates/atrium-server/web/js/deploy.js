@@ -77,8 +77,8 @@ export function targetText(target) {
 
 /**
  * Follows `deployment.updated` events (of one deployment with `id`, else of all):
- * onUpdate({ id, status, counts }) for each; onLagged() after dropped events; onStatus as
- * for eventStream. Returns a function that stops it.
+ * onUpdate({ id, status, status_reason, phase, counts }) for each; onLagged() after dropped
+ * events; onStatus as for eventStream. Returns a function that stops it.
  */
 export function deploymentStream({ id, onUpdate, onLagged, onStatus }) {
   const q = new URLSearchParams({ types: 'deployment.updated' });
@@ -87,8 +87,7 @@ export function deploymentStream({ id, onUpdate, onLagged, onStatus }) {
     events: {
       'deployment.updated': (e) => {
         const d = e.details || {};
-        const update = { id: d.id || e.target, status: d.status, counts: d.counts };
-        if (update.id) onUpdate(update);
+        if (d.id && d.status) onUpdate(d);
       },
     },
     onLagged,

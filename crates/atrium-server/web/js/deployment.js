@@ -35,7 +35,7 @@ function phaseText(d) {
 
 function sizeText(size) {
   if (size === undefined || size === null) return 'the rest';
-  return typeof size === 'number' ? `${size} devices` : String(size);
+  return typeof size === 'number' ? `${size} device${size === 1 ? '' : 's'}` : String(size);
 }
 
 function drawState(d) {
@@ -128,9 +128,10 @@ function drawPhases(d) {
     perPhase.set(dev.phase, p);
   }
   const phases = d.phases.length ? d.phases : [{ devices: tally(d.counts).total }];
-  const state = (i, ph) => {
-    if (ph.started_ms) return i < d.phase ? 'Done' : 'Started';
-    return 'Waiting';
+  const state = (ph) => {
+    if (ph.done_ms) return 'Done';
+    if (ph.started_ms) return 'Running';
+    return ph.pause && !ph.released ? 'Waits for a resume' : 'Waiting';
   };
   document.getElementById('phases').replaceChildren(h('div', { class: 'table-wrap' }, h('table', { id: 'phase-table' },
     h('caption', { class: 'visually-hidden' }, 'Phases, in order'),
@@ -144,7 +145,7 @@ function drawPhases(d) {
         h('td', {}, sizeText(ph.size)),
         h('td', { class: 'num' }, String(ph.devices ?? p.total)),
         h('td', { class: 'small' }, i === 0 ? (d.start_at ? 'at the start time' : 'at once') : (when.join(', ') || 'after the previous')),
-        h('td', {}, state(i, ph)),
+        h('td', {}, state(ph)),
         h('td', {}, ph.started_ms ? timeEl(ph.started_ms, fmtAgo(ph.started_ms)) : '–'),
         h('td', { class: 'small' }, p.total ? `${p.ok} succeeded, ${p.failed} failed, ${p.ended} of ${p.total} ended` : '–'));
     })))));
@@ -246,10 +247,12 @@ function scheduleRefresh() {
     });
 }
 
-/** A live update: status and counts at once, the rest (phase, reason, devices) read after. */
+/** A live update: status, reason, phase and counts at once; phases and devices read after. */
 function apply(update) {
   if (update.id !== id || !deployment) return;
-  if (update.status) deployment.status = update.status;
+  Object.assign(deployment, {
+    status: update.status, status_reason: update.status_reason ?? null, phase: update.phase ?? deployment.phase,
+  });
   if (update.counts) deployment.counts = update.counts;
   drawState(deployment);
   scheduleRefresh();

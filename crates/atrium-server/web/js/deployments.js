@@ -42,10 +42,11 @@ async function refresh() {
 function apply(update) {
   const d = deployments.find((x) => x.id === update.id);
   if (!d) {
-    refresh().catch((e) => flash(e.message, 'error'));
+    const status = statusFilter();
+    if (!status || update.status === status) refresh().catch((e) => flash(e.message, 'error'));
     return;
   }
-  if (update.status) d.status = update.status;
+  Object.assign(d, { status: update.status, status_reason: update.status_reason ?? null, phase: update.phase ?? d.phase });
   if (update.counts) d.counts = update.counts;
   const status = statusFilter();
   if (status && d.status !== status) {
@@ -55,8 +56,6 @@ function apply(update) {
   }
   const tr = document.querySelector(`#deployments tr[data-deployment="${CSS.escape(d.id)}"]`);
   if (tr) tr.replaceWith(row(d));
-  // The reason and phase are not in the event: read them when the status changed.
-  if (update.status && tr && tr.dataset.status !== update.status) refresh().catch((e) => flash(e.message, 'error'));
 }
 
 // ---- the create form ---------------------------------------------------------------------

@@ -95,7 +95,7 @@ async function drawAudit() {
       h('td', { class: 'mono small details' }, JSON.stringify(e.details))))))));
 }
 
-/** The deployments this device was part of, newest first. */
+/** The deployments this device is or was part of, newest first. */
 async function drawDeployments() {
   const box = document.getElementById('deployments');
   let list;
@@ -114,11 +114,10 @@ async function drawDeployments() {
   }
   box.replaceChildren(h('div', { class: 'table-wrap' }, h('table', { id: 'device-deployments' },
     h('caption', { class: 'visually-hidden' }, 'Deployments of this device'),
-    h('thead', {}, h('tr', {}, ['Deployment', 'Artifact', 'Status', 'Attempt', 'Received', 'Updated', 'Reason']
+    h('thead', {}, h('tr', {}, ['Deployment', 'Status', 'Attempt', 'Received', 'Updated', 'Reason']
       .map((t) => h('th', { scope: 'col', class: t === 'Attempt' || t === 'Received' ? 'num' : '' }, t)))),
     h('tbody', {}, list.map((e) => h('tr', { 'data-deployment': e.deployment_id, 'data-status': e.status },
       h('th', { scope: 'row' }, h('a', { href: `deployment.html?id=${encodeURIComponent(e.deployment_id)}` }, e.deployment_name || e.deployment_id)),
-      h('td', {}, e.artifact_name || '–'),
       h('td', {}, deviceStatusBadge(e.status)),
       h('td', { class: 'num' }, String(e.attempt)),
       h('td', { class: 'num' }, e.bytes ? fmtBytes(e.bytes) : '–'),
