@@ -33,9 +33,14 @@ function phaseText(d) {
   return `${Math.min(d.phase + 1, count)} of ${count}`;
 }
 
+/** "1 device", "3 devices". */
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
 function sizeText(size) {
   if (size === undefined || size === null) return 'the rest';
-  return typeof size === 'number' ? `${size} device${size === 1 ? '' : 's'}` : String(size);
+  return typeof size === 'number' ? plural(size, 'device') : String(size);
 }
 
 function drawState(d) {
@@ -65,11 +70,12 @@ function drawState(d) {
 
 function drawProgress(counts) {
   document.getElementById('progress').replaceChildren(progressBar(counts));
-  const rows = DEVICE_STATUSES.map((s) => [s, counts && typeof counts[s] === 'number' ? counts[s] : 0]);
+  // The statuses some device is in (all eleven would mostly be zeros).
+  const rows = DEVICE_STATUSES.map((s) => [s, counts && typeof counts[s] === 'number' ? counts[s] : 0]).filter(([, n]) => n > 0);
   document.getElementById('counts').replaceChildren(h('div', { class: 'table-wrap' }, h('table', { id: 'count-table' },
     h('caption', { class: 'visually-hidden' }, 'Devices by status'),
     h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Status'), h('th', { scope: 'col', class: 'num' }, 'Devices'))),
-    h('tbody', {}, rows.map(([s, n]) => h('tr', { 'data-count': s, class: n ? '' : 'muted' },
+    h('tbody', {}, rows.map(([s, n]) => h('tr', { 'data-count': s },
       h('th', { scope: 'row' }, deviceStatusBadge(s)), h('td', { class: 'num' }, String(n))))),
     h('tfoot', {}, h('tr', {}, h('th', { scope: 'row' }, 'Total'), h('td', { class: 'num' }, String(tally(counts).total)))))));
 }
@@ -128,8 +134,10 @@ function drawPhases(d) {
     perPhase.set(dev.phase, p);
   }
   const phases = d.phases.length ? d.phases : [{ devices: tally(d.counts).total }];
+  const stopped = { aborted: 'Aborted', halted: 'Halted', finished: 'Done' }[d.status];
   const state = (ph) => {
     if (ph.done_ms) return 'Done';
+    if (stopped) return ph.started_ms ? stopped : 'Not started';
     if (ph.started_ms) return 'Running';
     return ph.pause && !ph.released ? 'Waits for a resume' : 'Waiting';
   };
@@ -155,8 +163,8 @@ function drawSettings(d) {
   facts(document.getElementById('settings'), [
     ['Success threshold', `${d.success_threshold} % of a phase before the next starts`],
     ['Failure threshold', d.failure_threshold >= 100 ? 'never halts by itself'
-      : `halts at ${d.failure_threshold} % failed, once ${d.failure_min_devices} devices have ended`],
-    ['Max concurrent', d.max_concurrent ? `${d.max_concurrent} devices` : 'unlimited'],
+      : `halts at ${d.failure_threshold} % failed, once ${plural(d.failure_min_devices, 'device')} ${d.failure_min_devices === 1 ? 'has' : 'have'} ended`],
+    ['Max concurrent', d.max_concurrent ? plural(d.max_concurrent, 'device') : 'unlimited'],
     ['Retries', d.retries ? `${d.retries}, ${d.retry_delay_s} s apart` : 'none'],
   ]);
 }
