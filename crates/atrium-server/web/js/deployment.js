@@ -10,6 +10,11 @@ const id = param('id');
 const FALLBACK_MS = 10000;
 /** Reads the devices' names again at most this often when an unknown one shows up. */
 const NAMES_MS = 30000;
+/** Rows of the device table drawn at most (a status filter narrows a large deployment). */
+const MAX_ROWS = 500;
+/** A deployment with more devices reads its device list at most every DEVICES_BIG_MS. */
+const DEVICES_BIG = 1000;
+const DEVICES_BIG_MS = 5000;
 const ENDED = new Set(['success', 'already-installed', 'failure', 'incompatible', 'aborted']);
 
 let deployment = null;
@@ -191,7 +196,12 @@ function drawDevices() {
   const tbody = document.querySelector('#devices tbody');
   // Keep the keyboard focus on the same row's button across a redraw.
   const focused = document.activeElement && document.activeElement.closest('#devices tr[data-device-id]');
-  tbody.replaceChildren(...(shown.length ? shown.map(deviceRow)
+  const rows = shown.slice(0, MAX_ROWS).map(deviceRow);
+  if (shown.length > MAX_ROWS) {
+    rows.push(h('tr', {}, h('td', { colspan: 8, class: 'muted' },
+      `The first ${MAX_ROWS} of ${shown.length} devices are shown; choose a status to narrow the list.`)));
+  }
+  tbody.replaceChildren(...(shown.length ? rows
     : [h('tr', {}, h('td', { colspan: 8, class: 'muted' }, status ? 'No devices in this status.' : 'No devices.'))]));
   if (focused) tbody.querySelector(`tr[data-device-id="${CSS.escape(focused.dataset.deviceId)}"] button`)?.focus();
 }
@@ -216,13 +226,26 @@ async function showLog(deviceId, updated) {
   pre.scrollTop = pre.scrollHeight;
 }
 
+let devicesRead = 0;
+let devicesTimer = null;
+
 async function refresh() {
+  // A large deployment's device list is read less often; a read held back comes later.
+  const wait = deployment && tally(deployment.counts).total > DEVICES_BIG ? devicesRead + DEVICES_BIG_MS - Date.now() : 0;
   const [d, list] = await Promise.all([
     api(`/deployments/${encodeURIComponent(id)}`),
-    api(`/deployments/${encodeURIComponent(id)}/devices`),
+    wait <= 0 ? api(`/deployments/${encodeURIComponent(id)}/devices`) : null,
   ]);
   deployment = d;
-  devices = list;
+  if (list) {
+    devices = list;
+    devicesRead = Date.now();
+  } else if (!devicesTimer) {
+    devicesTimer = setTimeout(() => {
+      devicesTimer = null;
+      scheduleRefresh();
+    }, wait);
+  }
   if (devices.some((dev) => !names.has(dev.device_id)) && Date.now() - namesRead > NAMES_MS) await readNames();
   drawState(d);
   drawPhases(d);
