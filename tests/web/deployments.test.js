@@ -1,9 +1,9 @@
 // Browser test of the deployment pages against the real server and the demo's gateways: an
-// operator creates a deployment from the form, finds it in the list, opens it and sees its
-// devices; pausing, resuming and aborting change the status live on pages that stay open
-// (the `deployment.updated` events, not a reload); a viewer sees no form and no buttons. The
-// e2e test `web` writes an artifact for the demo's device type and passes its path in
-// ATRIUM_DEPLOY_ARTIFACT.
+// operator creates a deployment from the form (a refused one shows the server's reason),
+// finds it in the list, opens it and sees its devices; pausing, resuming and aborting change
+// the status live on pages that stay open (the `deployment.updated` events, not a reload); a
+// viewer sees no form and no buttons. The e2e test `web` writes an artifact for the demo's
+// device type and passes its path in ATRIUM_DEPLOY_ARTIFACT.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -70,6 +70,13 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   await page.locator('#create-title').click();
   await page.getByLabel(/^Name/).fill(DEPLOYMENT_NAME);
   await page.getByLabel('Artifact').selectOption(ARTIFACT_NAME);
+  // A group that does not exist: refused, with the server's reason on the page.
+  await page.getByLabel('Devices', { exact: true }).selectOption('group');
+  await page.getByLabel('Group', { exact: true }).fill('no-such-group');
+  await page.getByRole('button', { name: 'Create deployment' }).click();
+  await page.getByRole('alert').filter({ hasText: /no group "no-such-group"/ }).waitFor({ timeout: 15000 });
+  const refused = admin.context.problems.splice(0);
+  assert.ok(refused.every((p) => /status of 400/.test(p)), `only the refused request was logged: ${refused.join('\n')}`);
   await page.getByLabel('Devices', { exact: true }).selectOption('filter');
   await page.getByLabel('Filter', { exact: true }).fill('tag:demo=true');
   // Phase 1: one gateway; phase 2: the rest, after an operator resumes.
