@@ -3,7 +3,7 @@
 // check that looks for it.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { settings, launch, logIn, csrf, screenshot, eventually } from './lib.js';
+import { settings, launch, logIn, csrf, createUser, screenshot, eventually } from './lib.js';
 
 const env = settings();
 const ui = (path) => `${env.url}/ui/${path}`;
@@ -214,14 +214,9 @@ test('the device page shows the twin, and an operator edits its desired state', 
 });
 
 test('a viewer sees everything but no action buttons', async () => {
-  const token = await csrf(admin.context, env.url);
   const username = `viewer-${Date.now().toString(36)}`;
   const password = `viewer-password-${Math.random().toString(36).slice(2)}`;
-  const res = await admin.context.request.post(`${env.url}/api/v1/users`, {
-    headers: { 'X-CSRF-Token': token },
-    data: { username, password, role: 'viewer' },
-  });
-  assert.equal(res.status(), 201, await res.text());
+  await createUser(admin.context, env.url, 'viewer', username, password);
   const viewer = await launch();
   try {
     const vp = await viewer.context.newPage();

@@ -90,6 +90,16 @@ export async function csrf(context, base) {
   return (await r.json()).csrf_token;
 }
 
+/** Creates an account with `role` through the API, as the context's (admin) session. */
+export async function createUser(context, base, role, username, password) {
+  const token = await csrf(context, base);
+  const res = await context.request.post(`${base}/api/v1/users`, {
+    headers: { 'X-CSRF-Token': token },
+    data: { username, password, role },
+  });
+  if (res.status() !== 201) throw new Error(`creating the ${role} ${username}: ${res.status()} ${await res.text()}`);
+}
+
 /** Saves a full-page screenshot as <artifacts>/<name>.png. */
 export async function screenshot(page, dir, name) {
   await page.screenshot({ path: join(dir, `${name}.png`), fullPage: true, animations: 'disabled' });

@@ -5,7 +5,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import https from 'node:https';
 import { randomBytes } from 'node:crypto';
-import { settings, launch, logIn, csrf, screenshot, eventually } from './lib.js';
+import { settings, launch, logIn, createUser as createAccount, screenshot, eventually } from './lib.js';
 
 const env = settings();
 const ui = (path) => `${env.url}/ui/${path}`;
@@ -23,13 +23,8 @@ function assertNoProblems(ctx) {
   assert.deepEqual(problems, [], `the pages reported errors:\n${problems.join('\n')}`);
 }
 
-async function createUser(role, username, password) {
-  const token = await csrf(admin.context, env.url);
-  const res = await admin.context.request.post(`${env.url}/api/v1/users`, {
-    headers: { 'X-CSRF-Token': token },
-    data: { username, password, role },
-  });
-  assert.equal(res.status(), 201, await res.text());
+function createUser(role, username, password) {
+  return createAccount(admin.context, env.url, role, username, password);
 }
 
 /** The text xterm.js shows in `selector`'s terminal, one string per row. */

@@ -31,6 +31,8 @@ pub const DEFAULT_SEED: u64 = 2024;
 /// Fastest clock the demo runs (one simulated week in about a minute).
 pub const MAX_SPEED: f64 = 10_000.0;
 /// The file in the demo's data directory that keeps the simulated time between runs.
+/// The device type of the demo's gateways (what an artifact for them must be built for).
+pub const DEVICE_TYPE: &str = "atrium-demo-gateway";
 const CLOCK_FILE: &str = "demo-clock";
 /// Readings carry the simulated time, which runs ahead of the server's clock by
 /// (speed - 1) x elapsed time, and a restarted demo resumes where the last one stopped (so
@@ -330,7 +332,7 @@ impl Demo {
             server_url: api_url.clone(),
             link_url: format!("wss://{}", server.link_addr),
             ca_file: server_dir.join(atrium_server::config::CA_BUNDLE_FILE),
-            device_type: "atrium-demo-gateway".into(),
+            device_type: DEVICE_TYPE.into(),
             hardware_model: "simulated".into(),
             enroll_retry_s: 5,
             ..AgentConfig::default()

@@ -83,7 +83,9 @@ async fn dashboard_in_a_browser() {
         .clone()
         .expect("the demo's server writes the first admin's password");
     wait_pending(&demo).await;
-    let artifact = web_artifact(dir.path());
+    let artifact = web_artifact(dir.path(), "web-release-1", "demo-gateway");
+    // For the deployment pages: built for the demo gateways' device type, so they are offered it.
+    let deploy_artifact = web_artifact(dir.path(), "web-deploy-1", atrium::demo::DEVICE_TYPE);
 
     let mut node = tokio::process::Command::new("node");
     node.args(["--test", "--test-concurrency=1", "tests/web/"])
@@ -94,6 +96,7 @@ async fn dashboard_in_a_browser() {
         .env("ATRIUM_PENDING_SERIAL", &demo.pending_gateway_serial)
         .env("ATRIUM_WEB_ARTIFACTS", &artifacts)
         .env("ATRIUM_TEST_ARTIFACT", &artifact)
+        .env("ATRIUM_DEPLOY_ARTIFACT", &deploy_artifact)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let run = tokio::time::timeout(BROWSER_TESTS_TIMEOUT, node.output()).await;
@@ -117,13 +120,13 @@ async fn dashboard_in_a_browser() {
     );
 }
 
-/// A small update artifact for the Artifacts page's upload test.
-fn web_artifact(dir: &Path) -> std::path::PathBuf {
-    let image = dir.join("web-rootfs.img");
+/// A small rootfs-image update artifact named `name` for `device_type`.
+fn web_artifact(dir: &Path, name: &str, device_type: &str) -> std::path::PathBuf {
+    let image = dir.join(format!("{name}.img"));
     std::fs::write(&image, vec![7u8; 300_000]).expect("payload");
     let spec = atrium_artifact::WriteSpec {
-        name: "web-release-1".into(),
-        device_types: vec!["demo-gateway".into()],
+        name: name.into(),
+        device_types: vec![device_type.into()],
         depends_artifact_names: Vec::new(),
         provides_group: None,
         depends_groups: Vec::new(),
@@ -133,7 +136,7 @@ fn web_artifact(dir: &Path) -> std::path::PathBuf {
             vec![atrium_artifact::FileSource::Path(image)],
         ),
     };
-    let path = dir.join("web-release-1.mender");
+    let path = dir.join(format!("{name}.mender"));
     let out = std::fs::File::create(&path).expect("artifact file");
     atrium_artifact::write(&spec, out, atrium_artifact::WriteOptions::default()).expect("artifact");
     path

@@ -23,10 +23,12 @@ export function loginUrl() {
 /**
  * Calls the REST API. `path` is below /api/v1. Non-GET requests carry the session's CSRF
  * token. Answers 401 send the browser to the login page (unless `redirect: false`).
- * Returns the parsed JSON body (null for 204); throws ApiError with the server's message.
+ * Returns the parsed JSON body (null for 204), or with `text: true` the body as text (for
+ * text/plain answers); throws ApiError with the server's message.
  */
-export async function api(path, { method = 'GET', body, headers = {}, redirect = true } = {}) {
-  const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json', ...headers } };
+export async function api(path, { method = 'GET', body, headers = {}, redirect = true, text: asText = false } = {}) {
+  const accept = asText ? 'text/plain, application/json' : 'application/json';
+  const init = { method, credentials: 'same-origin', headers: { Accept: accept, ...headers } };
   if (method !== 'GET' && method !== 'HEAD' && session) {
     init.headers['X-CSRF-Token'] = session.csrf_token;
   }
@@ -58,6 +60,7 @@ export async function api(path, { method = 'GET', body, headers = {}, redirect =
     const reason = data && typeof data.error === 'string' ? data.error : `${response.status} ${response.statusText}`.trim();
     throw new ApiError(response.status, reason);
   }
+  if (asText) return text;
   if (data === null && text) {
     throw new ApiError(response.status, 'the server answered something that is not JSON');
   }
@@ -83,6 +86,7 @@ const NAV = [
   { page: 'devices', href: 'devices.html', label: 'Devices' },
   { page: 'groups', href: 'groups.html', label: 'Enrollment' },
   { page: 'artifacts', href: 'artifacts.html', label: 'Artifacts' },
+  { page: 'deployments', href: 'deployments.html', label: 'Deployments' },
   { page: 'audit', href: 'audit.html', label: 'Audit log' },
   { page: 'users', href: 'users.html', label: 'Users', role: 'admin' },
   { page: 'sessions', href: 'sessions.html', label: 'Terminal sessions', role: 'operator' },
@@ -238,49 +242,37 @@ export function setLive(status) {
 }
 
 /**
- * Follows the live room stream (server-sent events). Calls onState(room_id, state) and
- * onEvent(room_id, event); onStatus('live' | 'reconnecting'). Reconnects by itself; when
- * the session has ended it goes to the login page; after dropped updates it reads every
- * room's state again. Returns a function that stops it.
+ * Follows a server-sent event stream below /api/v1. `events` maps message names to handlers
+ * that get the message's parsed JSON data (messages whose data is not JSON are skipped);
+ * onLagged() runs when the server dropped messages this page fell behind on;
+ * onStatus('live' | 'reconnecting'). Reconnects by itself; when the session has ended it goes
+ * to the login page. Returns a function that stops it.
  */
-export function roomStream({ onState, onEvent, onStatus }) {
+export function eventStream(path, { events = {}, onLagged, onStatus }) {
   let source = null;
   let stopped = false;
   let retryMs = 1000;
   let timer = null;
   const status = (s) => onStatus && onStatus(s);
-  const parse = (e) => {
-    try {
-      return JSON.parse(e.data);
-    } catch {
-      return null;
-    }
-  };
   const open = () => {
     if (stopped) return;
-    source = new EventSource(API + '/events/rooms', { withCredentials: true });
+    source = new EventSource(API + path, { withCredentials: true });
     source.addEventListener('open', () => {
       retryMs = 1000;
       status('live');
     });
-    source.addEventListener('state', (e) => {
-      const d = parse(e);
-      if (d && d.room_id && d.state) onState && onState(d.room_id, d.state);
-    });
-    source.addEventListener('lagged', async () => {
-      // Updates were dropped while this page fell behind: read every room's state afresh.
-      try {
-        for (const room of await api('/rooms')) {
-          if (room.state && onState) onState(room.id, room.state);
+    for (const [name, handler] of Object.entries(events)) {
+      source.addEventListener(name, (e) => {
+        let data;
+        try {
+          data = JSON.parse(e.data);
+        } catch {
+          return;
         }
-      } catch {
-        /* the stream goes on; the next updates bring the rooms up to date */
-      }
-    });
-    source.addEventListener('event', (e) => {
-      const d = parse(e);
-      if (d && d.room_id && d.event) onEvent && onEvent(d.room_id, d.event);
-    });
+        if (data) handler(data);
+      });
+    }
+    source.addEventListener('lagged', () => onLagged && onLagged());
     source.addEventListener('error', async () => {
       status('reconnecting');
       if (source.readyState !== EventSource.CLOSED) return; // the browser retries by itself
@@ -303,6 +295,35 @@ export function roomStream({ onState, onEvent, onStatus }) {
     clearTimeout(timer);
     if (source) source.close();
   };
+}
+
+/**
+ * Follows the live room stream. Calls onState(room_id, state) and onEvent(room_id, event);
+ * onStatus('live' | 'reconnecting'). After dropped updates it reads every room's state
+ * again. Returns a function that stops it.
+ */
+export function roomStream({ onState, onEvent, onStatus }) {
+  return eventStream('/events/rooms', {
+    events: {
+      state: (d) => {
+        if (d.room_id && d.state) onState && onState(d.room_id, d.state);
+      },
+      event: (d) => {
+        if (d.room_id && d.event) onEvent && onEvent(d.room_id, d.event);
+      },
+    },
+    onLagged: async () => {
+      // Updates were dropped while this page fell behind: read every room's state afresh.
+      try {
+        for (const room of await api('/rooms')) {
+          if (room.state && onState) onState(room.id, room.state);
+        }
+      } catch {
+        /* the stream goes on; the next updates bring the rooms up to date */
+      }
+    },
+    onStatus,
+  });
 }
 
 /** The value of a query parameter of this page. */
@@ -343,6 +364,14 @@ export function fmtAgo(ms, now = Date.now()) {
   else if (a < 172800000) text = `${Math.round(a / 3600000)} h`;
   else text = `${Math.round(a / 86400000)} d`;
   return d >= 0 ? `${text} ago` : `in ${text}`;
+}
+
+/** "1.5 MB", "300.0 kB", "12 B". */
+export function fmtBytes(n) {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB`;
+  return `${n} B`;
 }
 
 /** Formats a number with a fixed count of decimals, or "–". */

@@ -1,13 +1,6 @@
 // Artifacts page: the server's update artifacts — list with filters, details, upload with
 // progress, delete.
-import { api, boot, can, h, flash, act, confirmDialog, currentSession, fmtAgo, timeEl } from './app.js';
-
-function fmtBytes(n) {
-  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
-  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
-  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB`;
-  return `${n} B`;
-}
+import { api, boot, can, h, flash, act, confirmDialog, currentSession, fmtAgo, fmtBytes, timeEl } from './app.js';
 
 function signature(a) {
   if (a.verified_key) return h('span', { class: 'badge st-accepted', title: `verified with ${a.verified_key}` }, 'Verified');

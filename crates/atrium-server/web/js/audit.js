@@ -31,6 +31,9 @@ function targetCell(e) {
   if (aboutDevice && e.action !== 'device.preauthorize' && e.target) {
     return h('a', { href: `device.html?id=${encodeURIComponent(e.target)}` }, e.target);
   }
+  if (e.action.startsWith('deployment.') && e.target) {
+    return h('a', { href: `deployment.html?id=${encodeURIComponent(e.target)}` }, e.target);
+  }
   return e.target || '–';
 }
 

@@ -1,6 +1,7 @@
-// One device: state, identity, inventory, twin, and its audit trail.
-import { api, ApiError, boot, can, h, flash, act, param, fmtAgo, fmtDateTime, timeEl } from './app.js';
+// One device: state, identity, inventory, twin, its deployments, and its audit trail.
+import { api, ApiError, boot, can, h, flash, act, param, fmtAgo, fmtBytes, fmtDateTime, timeEl } from './app.js';
 import { statusBadge, linkBadge, actionButtons, pairsText, parsePairs } from './fleet.js';
+import { deviceStatusBadge } from './deploy.js';
 
 const id = param('id');
 /** Top-level desired keys the server maintains (rooms come from the rooms API). */
@@ -92,6 +93,36 @@ async function drawAudit() {
     h('tbody', {}, [...entries].reverse().map((e) => h('tr', { 'data-action': e.action },
       h('td', { class: 'nowrap' }, timeEl(e.time_ms)), h('td', {}, e.actor), h('td', {}, e.action),
       h('td', { class: 'mono small details' }, JSON.stringify(e.details))))))));
+}
+
+/** The deployments this device is or was part of, newest first. */
+async function drawDeployments() {
+  const box = document.getElementById('deployments');
+  let list;
+  try {
+    list = await api(`/devices/${encodeURIComponent(id)}/deployments`);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) {
+      box.replaceChildren(h('p', { class: 'muted' }, `No deployments: ${e.message}`));
+      return;
+    }
+    throw e;
+  }
+  if (list.length === 0) {
+    box.replaceChildren(h('p', { class: 'muted' }, 'No deployments.'));
+    return;
+  }
+  box.replaceChildren(h('div', { class: 'table-wrap' }, h('table', { id: 'device-deployments' },
+    h('caption', { class: 'visually-hidden' }, 'Deployments of this device'),
+    h('thead', {}, h('tr', {}, ['Deployment', 'Status', 'Attempt', 'Received', 'Updated', 'Reason']
+      .map((t) => h('th', { scope: 'col', class: t === 'Attempt' || t === 'Received' ? 'num' : '' }, t)))),
+    h('tbody', {}, list.map((e) => h('tr', { 'data-deployment': e.deployment_id, 'data-status': e.status },
+      h('th', { scope: 'row' }, h('a', { href: `deployment.html?id=${encodeURIComponent(e.deployment_id)}` }, e.deployment_name || e.deployment_id)),
+      h('td', {}, deviceStatusBadge(e.status)),
+      h('td', { class: 'num' }, String(e.attempt)),
+      h('td', { class: 'num' }, e.bytes ? fmtBytes(e.bytes) : '–'),
+      h('td', {}, e.updated_ms ? timeEl(e.updated_ms, fmtAgo(e.updated_ms)) : '–'),
+      h('td', { class: 'small details' }, e.reason || '–')))))));
 }
 
 /** Whether this server has device twins (older servers do not). */
@@ -265,10 +296,11 @@ async function main() {
   if (!twins) {
     document.getElementById('twin').replaceChildren(h('p', { id: 'twin-unavailable' }, 'Twin: not available in this version of the server.'));
   }
-  await Promise.all([drawAudit(), twins ? drawTwin() : null]);
+  await Promise.all([drawAudit(), drawDeployments(), twins ? drawTwin() : null]);
   setInterval(async () => {
     try {
       draw(await api(`/devices/${encodeURIComponent(id)}`));
+      await drawDeployments();
       if (twins) await drawTwin();
     } catch (e) {
       flash(e.message, 'error');
