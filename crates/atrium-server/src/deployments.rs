@@ -9,7 +9,7 @@
 //! Devices report through their link ([`report`]); a reconnecting device is offered again
 //! what it has not ended ([`on_connect`]).
 //!
-//! The decisions are pure functions ([`phase_sizes`], [`failure_halts`], [`phase_done`],
+//! The decisions are pure functions ([`phase_sizes`], [`failure_halts`], [`phase_outcome`],
 //! [`apply_report`]) tested without I/O.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -128,9 +128,33 @@ pub fn failure_halts(ended: u64, failed: u64, threshold: u64, min_devices: u64) 
         && failed * 100 >= threshold * ended
 }
 
-/// Whether a phase is done: every device ended, or the succeeded share reached `threshold`.
-pub fn phase_done(devices: u64, ended: u64, succeeded: u64, threshold: u64) -> bool {
-    ended >= devices || succeeded * 100 >= threshold * devices
+/// Where a phase stands against the success threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseOutcome {
+    /// Devices are still at work and the threshold is not reached yet.
+    Running,
+    /// The succeeded share reached the threshold: the next phase may start.
+    Met,
+    /// Every device ended and the succeeded share stayed under the threshold.
+    Missed,
+}
+
+/// Where a phase stands: `devices` and `ended` leave out devices that count as neither
+/// success nor failure (incompatible, aborted); the succeeded share must reach `threshold`
+/// percent of the rest.
+pub fn phase_outcome(devices: u64, ended: u64, succeeded: u64, threshold: u64) -> PhaseOutcome {
+    if succeeded * 100 >= threshold * devices {
+        PhaseOutcome::Met
+    } else if ended >= devices {
+        PhaseOutcome::Missed
+    } else {
+        PhaseOutcome::Running
+    }
+}
+
+/// Whether a device status counts as neither success nor failure.
+fn is_neutral(status: &str) -> bool {
+    matches!(status, "incompatible" | "aborted")
 }
 
 /// Whether a device status counts as success.
@@ -440,6 +464,7 @@ pub async fn tick(ctx: &Ctx) -> Result<(), StoreError> {
 /// Counts of rows by status, and per phase (devices, ended, succeeded).
 struct Tally {
     by_status: BTreeMap<String, u64>,
+    /// Per phase: devices, ended, succeeded, leaving out neutral ones (see [`is_neutral`]).
     phases: Vec<(u64, u64, u64)>,
     all_ended: bool,
 }
@@ -455,12 +480,16 @@ fn tally(rows: &[DeploymentDevice], phases: usize) -> Tally {
         let p = usize::try_from(r.phase)
             .unwrap_or(0)
             .min(t.phases.len() - 1);
+        if !r.is_ended() {
+            t.all_ended = false;
+        }
+        if is_neutral(&r.status) {
+            continue;
+        }
         let e = &mut t.phases[p];
         e.0 += 1;
         if r.is_ended() {
             e.1 += 1;
-        } else {
-            t.all_ended = false;
         }
         if is_success(&r.status) {
             e.2 += 1;
@@ -569,8 +598,27 @@ async fn step(ctx: &Ctx, mut d: DeploymentRecord, now: i64) -> Result<(), StoreE
             loop {
                 let cur = usize::try_from(d.phase).unwrap_or(0).min(phases.len() - 1);
                 let (n, ended, ok) = t.phases.get(cur).copied().unwrap_or_default();
-                if !phase_done(n, ended, ok, success) || cur + 1 >= phases.len() {
+                if cur + 1 >= phases.len() {
                     break;
+                }
+                match phase_outcome(n, ended, ok, success) {
+                    PhaseOutcome::Running => break,
+                    // Halted once for it; an operator's resume lets the next phase start.
+                    PhaseOutcome::Missed if phases[cur].done_ms.is_some() => {}
+                    PhaseOutcome::Missed => {
+                        phases[cur].done_ms = Some(now);
+                        change = Some(DeploymentChange {
+                            status: "halted".into(),
+                            reason: Some(format!(
+                                "phase {} ended with {ok} of {n} devices succeeded, under the \
+                                 success threshold of {success}%",
+                                cur + 1
+                            )),
+                            ..DeploymentChange::default()
+                        });
+                        break;
+                    }
+                    PhaseOutcome::Met => {}
                 }
                 let done_ms = *phases[cur].done_ms.get_or_insert(now);
                 let next = &mut phases[cur + 1];
@@ -843,12 +891,16 @@ mod tests {
     }
 
     #[test]
-    fn phase_is_done_when_all_ended_or_the_success_threshold_is_met() {
-        assert!(phase_done(10, 10, 0, 100));
-        assert!(!phase_done(10, 9, 9, 100));
-        assert!(phase_done(10, 9, 9, 90));
-        assert!(!phase_done(10, 8, 8, 90));
-        assert!(phase_done(0, 0, 0, 100), "an empty phase is done");
+    fn a_phase_advances_only_when_the_success_threshold_is_met() {
+        use PhaseOutcome::*;
+        assert_eq!(phase_outcome(10, 10, 10, 100), Met);
+        assert_eq!(phase_outcome(10, 10, 0, 100), Missed, "all ended, none succeeded");
+        assert_eq!(phase_outcome(10, 9, 9, 100), Running);
+        assert_eq!(phase_outcome(10, 9, 9, 90), Met, "met before the last device ended");
+        assert_eq!(phase_outcome(10, 8, 8, 90), Running);
+        assert_eq!(phase_outcome(10, 10, 8, 90), Missed);
+        assert_eq!(phase_outcome(10, 10, 0, 0), Met, "a zero threshold never holds back");
+        assert_eq!(phase_outcome(0, 0, 0, 100), Met, "an empty phase is done");
     }
 
     fn row(status: &str, attempt: i64) -> DeploymentDevice {
