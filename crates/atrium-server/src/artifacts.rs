@@ -164,6 +164,12 @@ impl Artifacts {
         ))
     }
 
+    /// The path of a signed download link for `id` valid until `expires` (unix seconds).
+    pub fn link_path(&self, id: &str, expires: u64) -> String {
+        let signature = self.sign_link(id, expires);
+        format!("/api/v1/artifact-downloads/{id}?expires={expires}&signature={signature}")
+    }
+
     /// Whether a download link's signature is right and it has not expired at `now` (unix s).
     pub fn check_link(&self, id: &str, expires: u64, signature: &str, now: u64) -> LinkCheck {
         let Ok(tag) = hex::decode(signature) else {

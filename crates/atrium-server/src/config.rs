@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub artifact_verify_keys: Vec<PathBuf>,
     /// Default lifetime of a signed artifact download link, in seconds.
     pub artifact_link_ttl_s: u64,
+    /// Lifetime of the download link in each deployment offer, in seconds.
+    pub deployment_link_ttl_s: u64,
     /// Most file transfers and forwarded connections open on one device at a time.
     pub transfer_max_per_device: u32,
     /// Most file transfers and forwarded connections one operator may open per minute.
@@ -232,6 +234,7 @@ impl Default for ServerConfig {
             artifact_max_bytes: 4 << 30,
             artifact_verify_keys: Vec::new(),
             artifact_link_ttl_s: 24 * 3600,
+            deployment_link_ttl_s: 24 * 3600,
             transfer_max_per_device: 64,
             transfer_opens_per_minute: 600,
         }

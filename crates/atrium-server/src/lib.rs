@@ -15,6 +15,7 @@ pub mod artifacts;
 mod auth;
 pub mod blobs;
 pub mod config;
+pub mod deployments;
 mod enroll;
 pub mod events;
 pub mod groups;
@@ -44,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::ServerConfig;
-pub use registry::LinkRegistry;
+pub use registry::{Control, LinkRegistry};
 
 /// What every part of a running server node shares.
 pub struct Ctx {
@@ -64,6 +65,8 @@ pub struct Ctx {
     pub integrations: Vec<Arc<integrations::Handle>>,
     /// Update artifacts: blob store, verification keys, download links.
     pub artifacts: artifacts::Artifacts,
+    /// The deployments engine's wake-up and event state.
+    pub deployments: deployments::Engine,
     enroller: enroll::Enroller,
     ingest: ingest::Ingest,
     /// Group commit of agents' reported twin writes.
@@ -181,6 +184,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         events: Arc::new(events::EventBus::default()),
         integrations: handles,
         artifacts,
+        deployments: deployments::Engine::default(),
         enroller,
         ingest,
         reported,
@@ -226,6 +230,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     ));
     tasks.spawn(webhooks::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(deployments::run(ctx.clone(), shutdown.clone()));
     for (registry, handle) in http_registries {
         tasks.spawn(integrations::drive(
             ctx.store.clone(),

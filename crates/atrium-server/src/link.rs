@@ -307,6 +307,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             tracing::warn!(device = %self.device_id, error = %e, "room assignment not synced");
         }
         self.send_desired_twin(false).await?;
+        // Deployments this device was offered and has not ended: offer again (or cancel).
+        for message in crate::deployments::on_connect(self.ctx, self.device_id).await {
+            self.send(message).await?;
+        }
 
         let mut last_heard = tokio::time::Instant::now();
         loop {
@@ -315,6 +319,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     let reason = match command {
                         Some(Control::TwinChanged) => {
                             self.send_desired_twin(false).await?;
+                            continue;
+                        }
+                        Some(Control::Send(message)) => {
+                            self.send(*message).await?;
                             continue;
                         }
                         Some(Control::OpenStream(request)) => {
@@ -374,6 +382,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Message::Telemetry(batch) => self.telemetry(batch).await,
             Message::TwinGet => self.send_desired_twin(true).await,
             Message::Twin(doc) => self.reported_twin(doc).await,
+            Message::DeploymentStatus(status) => {
+                crate::deployments::report(self.ctx, self.device_id, status).await;
+                Ok(())
+            }
             Message::Goodbye(reason) => {
                 tracing::debug!(device = %self.device_id, %reason, "agent said goodbye");
                 self.end = Some(format!("agent: {}", truncate(&reason, 200)));

@@ -18,6 +18,8 @@ pub enum Control {
     TwinChanged,
     /// Open a byte stream to the device (a terminal).
     OpenStream(Box<crate::streams::StreamRequest>),
+    /// Send this message to the device (deployment offers and cancels).
+    Send(Box<atrium_proto::Message>),
 }
 
 struct Entry {
@@ -91,6 +93,17 @@ impl LinkRegistry {
         // they are skipped, one already queued will send the newest twin anyway.
         if let Some(control) = control.filter(|c| c.capacity() > c.max_capacity() / 2) {
             let _ = control.try_send(Control::TwinChanged);
+        }
+    }
+
+    /// Queues a message for the device's link; `false` when the device has no link here or
+    /// its link is busy (the caller tries again later).
+    pub fn send(&self, device_id: &str, message: atrium_proto::Message) -> bool {
+        let control = self.lock_links().get(device_id).map(|e| e.control.clone());
+        // Like twin notifications, at most half the slots, so a Close always finds room.
+        match control.filter(|c| c.capacity() > c.max_capacity() / 2) {
+            Some(control) => control.try_send(Control::Send(Box::new(message))).is_ok(),
+            None => false,
         }
     }
 

@@ -34,6 +34,7 @@
 mod admission;
 mod artifacts;
 mod audit;
+mod deployments;
 mod devices;
 mod enroll;
 mod error;
@@ -51,6 +52,10 @@ mod users;
 mod webhooks;
 
 pub use artifacts::{ArtifactQuery, ArtifactRecord};
+pub use deployments::{
+    DEPLOYMENT_END_STATUSES, DEVICE_ACTIVE_STATUSES, DEVICE_END_STATUSES, DeploymentChange,
+    DeploymentDevice, DeploymentDeviceWrite, DeploymentRecord, LOG_LIMIT_BYTES, bound_log,
+};
 pub use error::StoreError;
 pub use groups::{DesiredTwin, DesiredWrite, DeviceGroup};
 pub use model::{

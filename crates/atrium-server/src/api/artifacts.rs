@@ -301,8 +301,7 @@ pub async fn link(
     }
     let now_s = u64::try_from(crate::now_ms() / 1000).unwrap_or(0);
     let expires = now_s + ttl;
-    let signature = ctx.artifacts.sign_link(&id, expires);
-    let path = format!("/api/v1/artifact-downloads/{id}?expires={expires}&signature={signature}");
+    let path = ctx.artifacts.link_path(&id, expires);
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())

@@ -5,6 +5,7 @@
 //! Every mutation writes an audit entry in the same transaction as the change.
 
 pub mod artifacts;
+pub mod deployments;
 pub mod error;
 pub mod events;
 pub mod groups;
@@ -63,7 +64,10 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         crate::terminal::get_recording, crate::terminal::terminate_session,
         artifacts::upload, artifacts::list, artifacts::show, artifacts::remove,
         artifacts::download, artifacts::link, artifacts::device_download,
-        crate::transfers::download, crate::transfers::upload, crate::transfers::port_forward
+        crate::transfers::download, crate::transfers::upload, crate::transfers::port_forward,
+        deployments::create, deployments::list, deployments::show, deployments::devices,
+        deployments::device_log, deployments::device_history, deployments::pause,
+        deployments::resume, deployments::abort
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
@@ -240,6 +244,26 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/api/v1/devices/{id}/port-forward",
             get(crate::transfers::port_forward),
+        )
+        .route(
+            "/api/v1/deployments",
+            get(deployments::list).post(deployments::create),
+        )
+        .route("/api/v1/deployments/{id}", get(deployments::show))
+        .route(
+            "/api/v1/deployments/{id}/devices",
+            get(deployments::devices),
+        )
+        .route(
+            "/api/v1/deployments/{id}/devices/{device}/log",
+            get(deployments::device_log),
+        )
+        .route("/api/v1/deployments/{id}/pause", post(deployments::pause))
+        .route("/api/v1/deployments/{id}/resume", post(deployments::resume))
+        .route("/api/v1/deployments/{id}/abort", post(deployments::abort))
+        .route(
+            "/api/v1/devices/{id}/deployments",
+            get(deployments::device_history),
         )
         .merge(crate::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -582,3 +582,161 @@ pub struct ArtifactLink {
     /// Unix seconds after which the link no longer works.
     pub expires: u64,
 }
+
+/// One phase of a deployment: how many devices, and how it starts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PhaseSpec {
+    /// `"10%"` (of the devices resolved at creation, rounded up, at least one) or a count;
+    /// omitted on the last phase: all the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub size: Option<serde_json::Value>,
+    /// Seconds to wait after the previous phase is done.
+    #[serde(default)]
+    pub wait_s: u64,
+    /// Wait for an operator to resume the deployment before this phase starts.
+    #[serde(default)]
+    pub pause: bool,
+}
+
+/// A phase with its progress, as a deployment shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PhaseView {
+    /// As requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub size: Option<serde_json::Value>,
+    /// Seconds to wait after the previous phase is done.
+    #[serde(default)]
+    pub wait_s: u64,
+    /// Waits for an operator's resume.
+    #[serde(default)]
+    pub pause: bool,
+    /// Devices in this phase.
+    #[serde(default)]
+    pub devices: u64,
+    /// When it started.
+    #[serde(default)]
+    pub started_ms: Option<i64>,
+    /// When it was first seen done (every device ended or the success threshold met).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_ms: Option<i64>,
+    /// A paused phase an operator released by resuming.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
+}
+
+/// A new deployment (`POST /api/v1/deployments`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentRequest {
+    /// A name for operators (default: the artifact name and the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The artifact name to install (`artifact_provides.artifact_name`).
+    pub artifact_name: String,
+    /// Which devices.
+    pub target: Target,
+    /// Phases in order; none: one phase with every device.
+    #[serde(default)]
+    pub phases: Vec<PhaseSpec>,
+    /// Percent of a phase that must succeed before the next starts (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_threshold: Option<u32>,
+    /// Percent failed among ended devices that halts the deployment (default 100: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<u32>,
+    /// Ended devices needed before the failure threshold applies (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_min_devices: Option<u32>,
+    /// Devices between offer and end at once (default 0: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Further attempts after a failure (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Seconds before a retry (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_delay_s: Option<u32>,
+    /// Seconds between resolutions of the target (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve_interval_s: Option<u32>,
+    /// When the first phase may start (unix ms).
+    #[serde(default)]
+    pub start_at: Option<i64>,
+}
+
+/// A deployment with its progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentView {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The artifact name it installs.
+    pub artifact_name: String,
+    /// Which devices.
+    pub target: Target,
+    /// `scheduled`, `running`, `paused`, `halted`, `aborted` or `finished`.
+    pub status: String,
+    /// Why it is paused or halted.
+    pub status_reason: Option<String>,
+    /// Index of the last phase started.
+    pub phase: i64,
+    /// Phases with their progress.
+    pub phases: Vec<PhaseView>,
+    /// Percent of a phase that must succeed before the next starts.
+    pub success_threshold: i64,
+    /// Percent failed among ended devices that halts it.
+    pub failure_threshold: i64,
+    /// Ended devices needed before the failure threshold applies.
+    pub failure_min_devices: i64,
+    /// Devices between offer and end at once (0: unlimited).
+    pub max_concurrent: i64,
+    /// Further attempts after a failure.
+    pub retries: i64,
+    /// Seconds before a retry.
+    pub retry_delay_s: i64,
+    /// Seconds between resolutions of the target.
+    pub resolve_interval_s: i64,
+    /// When the first phase may start (unix ms).
+    pub start_at: Option<i64>,
+    /// Who created it.
+    pub created_by: String,
+    /// When.
+    pub created_ms: i64,
+    /// When it ended.
+    pub finished_ms: Option<i64>,
+    /// Devices per status, with `total`.
+    pub counts: BTreeMap<String, i64>,
+}
+
+/// One device of a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentDeviceView {
+    /// The deployment (in a device's history).
+    pub deployment_id: String,
+    /// The deployment's name (in a device's history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_name: Option<String>,
+    /// The device.
+    pub device_id: String,
+    /// Its phase.
+    pub phase: i64,
+    /// Its status.
+    pub status: String,
+    /// The attempt (0 before the first offer).
+    pub attempt: i64,
+    /// Artifact bytes received.
+    pub bytes: i64,
+    /// The artifact picked for it.
+    pub artifact_id: Option<String>,
+    /// Last change.
+    pub updated_ms: i64,
+    /// First offer.
+    pub started_ms: Option<i64>,
+    /// End.
+    pub finished_ms: Option<i64>,
+    /// Why it ended or waits.
+    pub reason: Option<String>,
+}

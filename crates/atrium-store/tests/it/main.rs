@@ -31,6 +31,7 @@ macro_rules! backend_suite {
 
 mod artifacts;
 mod conformance;
+mod deployments;
 mod groups;
 mod lifecycle_model;
 mod rooms;
