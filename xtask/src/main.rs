@@ -4,13 +4,15 @@
 //! `atrium` and `atrium-agent` release binaries, and `cargo xtask bench terminal` the remote
 //! terminal against a local OpenSSH server, and `cargo xtask bench twins` the delivery of one
 //! desired-twin patch to 10,000 connected agents, `cargo xtask bench files` file copy and port
-//! forwarding against scp and ssh -L, and `cargo xtask bench artifacts` artifact downloads against
-//! nginx, printing `name: value unit` lines; results are kept in `docs/BENCHMARKS.md`.
+//! forwarding against scp and ssh -L, `cargo xtask bench artifacts` artifact downloads against
+//! nginx, and `cargo xtask bench rollout` a deployment to 10,000 devices (server in process,
+//! devices simulated at the engine level), printing `name: value unit` lines; results are kept in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
 mod bench_artifacts;
 mod bench_files;
 mod bench_identity;
+mod bench_rollout;
 mod bench_rooms;
 mod bench_terminal;
 mod bench_twins;
@@ -58,6 +60,13 @@ enum Bench {
         /// Use this `atrium` binary instead of building it (`cargo build --release -p atrium`).
         #[arg(long)]
         server_bin: Option<std::path::PathBuf>,
+    },
+    /// A deployment to every device of a group, start to finish, and how many devices a
+    /// failing deployment reaches before it halts (devices simulated at the engine level).
+    Rollout {
+        /// Simulated devices.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
     },
     /// One desired-twin patch to a group of every connected agent: time until each agent
     /// applied it and the server stored its report.
@@ -302,6 +311,11 @@ fn main() -> anyhow::Result<()> {
             agent_rate,
             server_bin,
             agent_bin,
+        }),
+        Command::Bench {
+            bench: Bench::Rollout { devices },
+        } => bench_rollout::run(bench_rollout::Options {
+            devices: devices.max(1),
         }),
         Command::Bench {
             bench:

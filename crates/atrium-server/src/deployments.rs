@@ -654,6 +654,7 @@ async fn offer_due(
     };
     let mut artifacts: HashMap<String, ArtifactRecord> = HashMap::new();
     let mut writes = Vec::new();
+    let mut offers: Vec<(Message, DeploymentDeviceWrite, &DeploymentDevice)> = Vec::new();
     for row in rows {
         if room == 0 {
             break;
@@ -689,12 +690,6 @@ async fn offer_due(
             continue;
         };
         let attempt = row.attempt + 1;
-        if !ctx
-            .links
-            .send(&row.device_id, offer(ctx, row, artifact, attempt))
-        {
-            continue;
-        }
         let mut next = row.clone();
         next.status = "offered".into();
         next.attempt = attempt;
@@ -702,10 +697,27 @@ async fn offer_due(
         next.started_ms = next.started_ms.or(Some(now));
         next.updated_ms = now;
         next.next_offer_ms = None;
-        writes.push(write_of(row, next));
+        offers.push((offer(ctx, row, artifact, attempt), write_of(row, next), row));
         room -= 1;
     }
-    ctx.store.write_deployment_devices(&writes).await?;
+    // The rows are `offered` before the offers go out, so a device's first report finds its
+    // row ready; an offer that cannot be queued puts its row back.
+    let mut all = writes;
+    let ended = all.len();
+    all.extend(offers.iter().map(|(_, w, _)| w.clone()));
+    let applied = ctx.store.write_deployment_devices(&all).await?;
+    let mut undo = Vec::new();
+    for ((message, w, before), ok) in offers.into_iter().zip(applied.into_iter().skip(ended)) {
+        if ok && !ctx.links.send(&w.row.device_id, message) {
+            undo.push(DeploymentDeviceWrite {
+                expected_status: w.row.status.clone(),
+                expected_attempt: w.row.attempt,
+                row: before.clone(),
+                log_append: String::new(),
+            });
+        }
+    }
+    ctx.store.write_deployment_devices(&undo).await?;
     Ok(())
 }
 

@@ -54,6 +54,17 @@ impl SqlBuilder {
         self
     }
 
+    /// Appends `n` placeholders separated by commas: the inside of an `IN (...)` list.
+    pub(crate) fn list(&mut self, n: usize) -> &mut Self {
+        for i in 0..n {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.param();
+        }
+        self
+    }
+
     /// Appends `rows` groups of `columns` parameters: `(p, p), (p, p), ...` for multi-row INSERTs.
     pub(crate) fn values(&mut self, rows: usize, columns: usize) -> &mut Self {
         for row in 0..rows {

@@ -362,12 +362,7 @@ impl Store {
         );
         if !statuses.is_empty() {
             b.push(" WHERE status IN (");
-            for i in 0..statuses.len() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.param();
-            }
+            b.list(statuses.len());
             b.push(")");
         }
         b.push(" ORDER BY created_ms DESC, id DESC");
@@ -412,12 +407,7 @@ impl Store {
                 .param()
                 .push(", thresholds_from_ms)");
             b.push(" WHERE id = ").param().push(" AND status IN (");
-            for i in 0..from.len() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.param();
-            }
+            b.list(from.len());
             b.push(")");
             let mut q = b
                 .query()
@@ -566,12 +556,7 @@ impl Store {
                 self.backend(),
                 &format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id IN ("),
             );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.param();
-            }
+            b.list(chunk.len());
             b.push(")");
             let mut q = b.query();
             for d in chunk {

@@ -520,12 +520,7 @@ impl Store {
                 b.param()
                     .push(" WHERE (last_seen_ms IS NULL OR last_seen_ms < ");
                 b.param().push(") AND id IN (");
-                for i in 0..chunk.len() {
-                    if i > 0 {
-                        b.push(", ");
-                    }
-                    b.param();
-                }
+                b.list(chunk.len());
                 b.push(")");
                 let mut q = b.query().bind(now_ms).bind(now_ms);
                 for id in chunk {

@@ -338,12 +338,7 @@ impl Store {
                  t.desired_version AS desired_version, t.desired_meta AS desired_meta \
                  FROM devices d LEFT JOIN twins t ON t.device_id = d.id WHERE d.id IN (",
             );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    b.push(", ");
-                }
-                b.param();
-            }
+            b.list(chunk.len());
             b.push(")");
             let mut q = b.query();
             for id in chunk {

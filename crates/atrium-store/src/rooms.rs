@@ -752,12 +752,7 @@ impl Store {
                     backend,
                     "SELECT device_id, batch_seq FROM telemetry_marks WHERE device_id IN (",
                 );
-                for i in 0..chunk.len() {
-                    if i > 0 {
-                        q.push(", ");
-                    }
-                    q.param();
-                }
+                q.list(chunk.len());
                 q.push(")");
                 let mut query = q.query();
                 for d in chunk {

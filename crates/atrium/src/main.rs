@@ -5,6 +5,7 @@ use atrium::{client, demo, terminal, transfer};
 
 mod artifact_cli;
 mod artifacts_cmd;
+mod deployments_cmd;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -69,6 +70,10 @@ enum Command {
     /// show, delete and download from the server.
     #[command(subcommand)]
     Artifact(artifact_cli::ArtifactCmd),
+    /// Deployments: an artifact installed on a device, a group or a filter's devices in
+    /// phases, halted by itself when too many fail.
+    #[command(subcommand)]
+    Deployments(deployments_cmd::DeploymentsCmd),
     /// Copies a file to or from a gateway: `cp LOCAL DEVICE:/PATH` or `cp DEVICE:/PATH LOCAL`.
     Cp(transfer::CpArgs),
     /// Forwards local TCP connections through a gateway: `port-forward DEVICE LPORT:HOST:PORT`.
@@ -602,6 +607,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Twin(cmd) => twin(cmd).await,
         Command::Users(cmd) => users(cmd).await,
         Command::Groups(cmd) => groups_cmd::groups(cmd).await,
+        Command::Deployments(cmd) => deployments_cmd::run(cmd).await,
         Command::Rooms(RoomsCmd::Simulate {
             score,
             broker,

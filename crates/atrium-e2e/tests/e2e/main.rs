@@ -7,6 +7,7 @@ mod accounts;
 mod artifacts;
 mod dashboard_bench;
 mod demo;
+mod deployments;
 mod deployments_agent;
 mod groups;
 mod groups_bench;
