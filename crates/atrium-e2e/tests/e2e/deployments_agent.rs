@@ -93,17 +93,7 @@ fn single_file(name: &str, dest: &Path, content: &[u8]) -> Vec<u8> {
 }
 
 async fn upload(server: &TestServer, body: Vec<u8>) -> Value {
-    let response = server
-        .http()
-        .post(format!("{}/api/v1/artifacts", server.api_url()))
-        .bearer_auth(&server.token)
-        .header("content-type", "application/vnd.mender-artifact")
-        .body(body)
-        .send()
-        .await
-        .expect("upload");
-    let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let (status, body) = crate::artifacts::upload(server, body, "").await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body
 }
@@ -609,14 +599,7 @@ async fn offline_device_gets_it_later_and_abort_stops_a_download(backend: Backen
     );
 
     // A large artifact through a slow network, aborted while it downloads.
-    let mut noise = vec![0u8; 4 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for b in &mut noise {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let noise = fs::read(crate::artifacts::payload(out.path(), 4 << 20)).expect("noise");
     upload(&server, single_file("big-4", out.path(), &noise)).await;
     let relay = slow_relay(server.config.api_listen, 256 << 10).await;
     let (mut slow, slow_id) = enrolled(&server, "SLOW-1", |c| {
