@@ -313,7 +313,7 @@ pub struct DeploymentStatus {
 }
 
 /// The server withdraws a deployment (aborted): an agent that has not started installing drops
-/// it; one already installing finishes and reports as usual.
+/// it and reports `aborted`; one already installing finishes and reports as usual.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentCancel {
     /// The deployment's id.

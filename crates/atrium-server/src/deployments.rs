@@ -205,6 +205,17 @@ pub fn apply_report(
                 next.finished_ms = Some(now);
             }
         }
+        "aborted" => {
+            next.status = "aborted".into();
+            next.finished_ms = Some(now);
+            next.reason = Some(
+                report
+                    .log
+                    .last()
+                    .map(|l| truncate(l, 500).to_owned())
+                    .unwrap_or_else(|| "the device stopped the deployment".to_owned()),
+            );
+        }
         other => {
             next.reason = Some(format!(
                 "the device reported an unknown status {:?}",
@@ -973,5 +984,22 @@ mod tests {
         let odd = apply_report(&row("installing", 1), &status("defragmenting", 1), 0, 60, 7)
             .expect("kept");
         assert_eq!(odd.status, "installing");
+    }
+
+    #[test]
+    fn a_device_that_stopped_on_a_cancel_ends_aborted() {
+        let mut report = status("aborted", 1);
+        report.log = vec!["the server cancelled the deployment: the download stopped".into()];
+        let next = apply_report(&row("downloading", 1), &report, 3, 60, 9).expect("applied");
+        assert_eq!(
+            (next.status.as_str(), next.finished_ms),
+            ("aborted", Some(9))
+        );
+        assert!(next.is_ended(), "no retry after an abort");
+        assert!(
+            next.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("cancelled"))
+        );
     }
 }

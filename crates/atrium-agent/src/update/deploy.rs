@@ -44,10 +44,12 @@ pub const VERIFYING: &str = "verifying";
 pub const SUCCESS: &str = "success";
 pub const ALREADY_INSTALLED: &str = "already-installed";
 pub const FAILURE: &str = "failure";
+/// The server cancelled the deployment and the download stopped: nothing was installed.
+pub const ABORTED: &str = "aborted";
 
 /// Whether a status ends the attempt.
 pub fn is_end(status: &str) -> bool {
-    matches!(status, SUCCESS | ALREADY_INSTALLED | FAILURE)
+    matches!(status, SUCCESS | ALREADY_INSTALLED | FAILURE | ABORTED)
 }
 
 /// At most one progress report a second.
@@ -570,8 +572,8 @@ impl Deployments {
         shared.wake.notify_waiters();
     }
 
-    /// The server withdrew `deployment`: a download in progress stops (and the attempt ends
-    /// without a status: the server has ended it already); past the download it finishes.
+    /// The server withdrew `deployment`: a download in progress stops and the attempt ends as
+    /// `aborted` (the server ends the device's entry with it); past the download it finishes.
     pub fn cancel(&self, deployment: &str) {
         let mut inner = self.shared.inner();
         let Some(record) = inner.record.as_ref().filter(|r| r.deployment == deployment) else {
@@ -586,8 +588,15 @@ impl Deployments {
                 deployment,
                 "deployment cancelled before its download started again"
             );
-            inner.record = None;
-            store_record(&self.shared.settings, None);
+            if let Some(record) = inner.record.as_mut() {
+                record.interrupted = false;
+                record
+                    .line("the server cancelled the deployment before its download started again");
+                record.push(ABORTED);
+                store_record(&self.shared.settings, Some(record));
+            }
+            drop(inner);
+            self.shared.wake.notify_waiters();
         } else if record.status == DOWNLOADING
             && let Some(cancel) = &inner.cancel
         {
@@ -687,15 +696,10 @@ async fn install(
     })
     .await;
     if result.is_err() && cancel.load(Ordering::Relaxed) {
-        let mut inner = shared.inner();
-        if inner
-            .record
-            .as_ref()
-            .is_some_and(|r| r.is(&deployment, attempt))
-        {
-            inner.record = None;
-            store_record(&shared.settings, None);
-        }
+        shared.update(&deployment, attempt, |r| {
+            r.line("the server cancelled the deployment: the download stopped");
+            r.push(ABORTED);
+        });
         return;
     }
     outcome(shared, &deployment, attempt, result).await;

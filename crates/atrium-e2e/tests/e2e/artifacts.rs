@@ -34,7 +34,7 @@ fn s(p: &Path) -> &str {
 }
 
 /// A payload of `len` pseudo-random bytes.
-fn payload(dir: &Path, len: usize) -> PathBuf {
+pub(crate) fn payload(dir: &Path, len: usize) -> PathBuf {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let data: Vec<u8> = (0..len)
         .map(|_| {
@@ -88,7 +88,7 @@ fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-async fn upload(server: &TestServer, body: Vec<u8>, query: &str) -> (StatusCode, Value) {
+pub(crate) async fn upload(server: &TestServer, body: Vec<u8>, query: &str) -> (StatusCode, Value) {
     let response = server
         .http()
         .post(format!("{}/api/v1/artifacts{query}", server.api_url()))

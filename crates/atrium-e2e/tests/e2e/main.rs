@@ -8,6 +8,7 @@ mod artifacts;
 mod dashboard_bench;
 mod demo;
 mod deployments;
+mod deployments_agent;
 mod groups;
 mod groups_bench;
 mod harness;
