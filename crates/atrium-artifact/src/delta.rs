@@ -41,7 +41,7 @@ pub const MAX_DELTA_IMAGE: u64 = 1 << MAX_WINDOW_LOG;
 /// The name of the patch in the payload.
 pub const PATCH_FILE_NAME: &str = "rootfs.patch";
 /// The compression level deltas are made with unless told otherwise.
-pub const DEFAULT_DELTA_LEVEL: i32 = 19;
+pub const DEFAULT_DELTA_LEVEL: i32 = 9;
 
 /// A delta payload's `meta-data`: what the device checks before and after applying it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
