@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::reader::{Header, PayloadSink};
+use crate::reader::{HashingReader, Header, PayloadSink};
 use crate::writer::{FileSource, PayloadKind, PayloadSpec, WriteOptions, WriteSpec, Written};
 use crate::{BoxError, DependValue, Error, PayloadFile, ReadOptions, Script};
 
@@ -121,21 +121,6 @@ pub struct PatchInfo {
     pub patch_size: u64,
 }
 
-struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-}
-
 struct CountingWriter<W> {
     inner: W,
     count: u64,
@@ -176,7 +161,7 @@ pub fn make_patch<W: Write>(
     encoder.include_checksum(true)?;
     encoder.include_contentsize(true)?;
     encoder.set_pledged_src_size(Some(target_size))?;
-    let mut tap = Hashing {
+    let mut tap = HashingReader {
         inner: target.take(target_size),
         hasher: Sha256::new(),
         count: 0,
@@ -232,7 +217,7 @@ pub fn apply_patch<W: Write + ?Sized>(
     decoder
         .window_log_max(meta.window_log.min(MAX_WINDOW_LOG))
         .map_err(corrupt)?;
-    let mut tap = Hashing {
+    let mut tap = HashingReader {
         inner: (&mut decoder).take(meta.target_size),
         hasher: Sha256::new(),
         count: 0,
@@ -247,7 +232,7 @@ pub fn apply_patch<W: Write + ?Sized>(
         };
         out.write_all(&buf[..n])?;
     }
-    let Hashing { count, hasher, .. } = tap;
+    let HashingReader { count, hasher, .. } = tap;
     let (written, sum) = (count, hex::encode(hasher.finalize()));
     // Nothing may follow the target's last byte.
     let mut extra = [0u8; 1];
