@@ -5,11 +5,14 @@
 //! terminal against a local OpenSSH server, and `cargo xtask bench twins` the delivery of one
 //! desired-twin patch to 10,000 connected agents, `cargo xtask bench files` file copy and port
 //! forwarding against scp and ssh -L, `cargo xtask bench artifacts` artifact downloads against
-//! nginx, and `cargo xtask bench rollout` a deployment to 10,000 devices (server in process,
-//! devices simulated at the engine level), printing `name: value unit` lines; results are kept in `docs/BENCHMARKS.md`.
+//! nginx, `cargo xtask bench rollout` a deployment to 10,000 devices (server in process,
+//! devices simulated at the engine level) and `cargo xtask bench delta` delta artifacts against
+//! full ones for a Debian root filesystem, printing `name: value unit` lines; results are kept
+//! in `docs/BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
 mod bench_artifacts;
+mod bench_delta;
 mod bench_files;
 mod bench_identity;
 mod bench_rollout;
@@ -160,6 +163,31 @@ enum Bench {
         #[arg(long)]
         server_bin: Option<std::path::PathBuf>,
     },
+    /// Delta updates: a `rootfs-image-delta` artifact's size against the full artifact for two
+    /// Debian root filesystems (debootstrap, then package sets installed with apt), and the
+    /// time to make and to apply it.
+    Delta {
+        /// Where the trees, images and artifacts are kept (trees are reused).
+        #[arg(long, default_value = "target/bench-delta")]
+        work_dir: std::path::PathBuf,
+        /// The Debian mirror debootstrap and apt use.
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// A package set (comma-separated) installed on top of the base tree; repeat for more.
+        #[arg(long = "packages", default_values_t = [
+            "curl,ca-certificates".to_owned(),
+            "openssh-server,python3-minimal,curl,ca-certificates".to_owned(),
+        ])]
+        package_sets: Vec<String>,
+        /// Size of each ext4 image in MiB.
+        #[arg(long, default_value_t = 512)]
+        image_mib: u64,
+        /// Zstandard level of the delta.
+        #[arg(long, default_value_t = atrium_artifact::delta::DEFAULT_DELTA_LEVEL)]
+        level: i32,
+    },
     /// Remote terminal: keystroke-to-echo latency and bulk output throughput through the
     /// server and the agent, and the same through a throwaway local OpenSSH server.
     Terminal {
@@ -241,6 +269,24 @@ fn main() -> anyhow::Result<()> {
             warmup,
             rounds: rounds.max(1),
             server_bin,
+        }),
+        Command::Bench {
+            bench:
+                Bench::Delta {
+                    work_dir,
+                    mirror,
+                    suite,
+                    package_sets,
+                    image_mib,
+                    level,
+                },
+        } => bench_delta::run_bench(bench_delta::Options {
+            work_dir,
+            mirror,
+            suite,
+            package_sets,
+            image_mib: image_mib.max(16),
+            level,
         }),
         Command::Bench {
             bench:

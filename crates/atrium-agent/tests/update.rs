@@ -873,3 +873,179 @@ exit 0"#,
         ]
     );
 }
+
+// Delta updates (`rootfs-image-delta`) on loop devices standing for the partitions.
+
+/// Loop devices attached for a test, detached at its end.
+struct Loops(Vec<String>);
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for dev in &self.0 {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+    }
+}
+
+impl Ab {
+    /// Puts `part2` and `part3` on loop devices of 1 MiB (partitions larger than the images,
+    /// as on a real gateway), keeping their content; the paths become symlinks to the devices.
+    fn on_loop_devices(&self) -> Loops {
+        let mut loops = Loops(Vec::new());
+        for part in ["part2", "part3"] {
+            let path = self.d.path(part);
+            let backing = self.d.path(&format!("{part}.img"));
+            fs::rename(&path, &backing).expect("backing file");
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&backing)
+                .expect("backing");
+            f.set_len(1 << 20).expect("grow");
+            let out = Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(&backing)
+                .output()
+                .expect("losetup");
+            assert!(
+                out.status.success(),
+                "losetup failed (the delta test needs root and loop devices): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            loops.0.push(dev.clone());
+            std::os::unix::fs::symlink(&dev, &path).expect("symlink");
+        }
+        loops
+    }
+
+    /// The first `len` bytes of a partition.
+    fn head(&self, part: &str, len: usize) -> Vec<u8> {
+        let mut data = vec![0u8; len];
+        fs::File::open(self.d.path(part))
+            .and_then(|mut f| f.read_exact(&mut data))
+            .expect("read partition");
+        data
+    }
+}
+
+fn sha_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// release-3: release-2's image with a changed block and a grown end.
+fn newer_image() -> Vec<u8> {
+    let mut img = NEW.repeat(4096);
+    img[10_000..12_000].copy_from_slice(&b"patched!".repeat(250));
+    img.extend_from_slice(&OLD.repeat(100));
+    img
+}
+
+fn delta_artifact(dir: &Path) -> (PathBuf, PathBuf) {
+    let (full2, full3, delta) = (
+        dir.join("full-2.mender"),
+        dir.join("full-3.mender"),
+        dir.join("delta-3.mender"),
+    );
+    rootfs_artifact(&full2, vec![]);
+    Art::new(
+        "release-3",
+        PayloadKind::RootfsImage,
+        vec![("rootfs.ext4", newer_image())],
+    )
+    .write(&full3, None);
+    atrium_artifact::delta::write_delta_from_artifacts(
+        fs::File::open(&full2).expect("full-2"),
+        fs::File::open(&full3).expect("full-3"),
+        &atrium_artifact::ReadOptions::default(),
+        3,
+        std::io::BufWriter::new(fs::File::create(&delta).expect("delta")),
+        WriteOptions::default(),
+    )
+    .expect("delta artifact");
+    (delta, full3)
+}
+
+#[test]
+fn rootfs_delta_applies_against_the_active_partition() {
+    let ab = Ab::new();
+    let _loops = ab.on_loop_devices();
+    let (delta, _) = delta_artifact(ab.d.dir.path());
+
+    // The factory software provides no image checksum: refused before anything is written.
+    let out = ab.d.agent(&["install", delta.to_str().expect("utf8")]);
+    assert_eq!(code(&out), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rootfs-image.checksum"),
+        "the refusal names the dependency"
+    );
+    assert!(!ab.d.in_progress());
+
+    // The full release-2, then the delta to release-3 against it.
+    let full2 = ab.d.path("full-2.mender");
+    assert_eq!(ab.run_to_end(&full2), ["reboot", "commit"]);
+    assert_eq!(ab.booted(), ab.d.path("part3"));
+    assert_eq!(
+        ab.d.provides()["installed"]["provides"]["rootfs-image.checksum"],
+        sha_hex(&NEW.repeat(4096))
+    );
+    assert_eq!(ab.run_to_end(&delta), ["reboot", "commit"]);
+    ab.boot();
+    assert_eq!(ab.booted(), ab.d.path("part2"));
+    let newer = newer_image();
+    assert!(
+        ab.head("part2", newer.len()) == newer,
+        "part2 holds release-3"
+    );
+    assert!(ab.head("part3", NEW.len() * 4096) == NEW.repeat(4096));
+    assert_eq!(ab.d.installed(), "release-3");
+    let provides = ab.d.provides();
+    assert_eq!(
+        provides["installed"]["provides"]["rootfs-image.checksum"],
+        sha_hex(&newer)
+    );
+    assert_eq!(
+        provides["installed"]["provides"]["rootfs-image.version"],
+        "release-3"
+    );
+}
+
+#[test]
+fn rootfs_delta_against_a_changed_active_partition_fails_cleanly() {
+    let ab = Ab::new();
+    let _loops = ab.on_loop_devices();
+    let (delta, full3) = delta_artifact(ab.d.dir.path());
+    let full2 = ab.d.path("full-2.mender");
+    assert_eq!(ab.run_to_end(&full2), ["reboot", "commit"]);
+    // Someone changed the running system's partition behind the update's back.
+    let mut part3 = fs::OpenOptions::new()
+        .write(true)
+        .open(ab.d.path("part3"))
+        .expect("part3");
+    part3.write_all(b"tampered").expect("write");
+    part3.sync_all().expect("sync");
+    drop(part3);
+    let part2_before = ab.head("part2", 1 << 20);
+    let env_before = ab.env();
+
+    let out = ab.d.agent(&["install", delta.to_str().expect("utf8")]);
+    assert_eq!(code(&out), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not the delta's source"),
+        "the failure says why"
+    );
+    assert!(!ab.d.in_progress());
+    assert_eq!(ab.env(), env_before, "the bootloader was not touched");
+    assert!(
+        ab.head("part2", 1 << 20) == part2_before,
+        "nothing was written"
+    );
+    assert_eq!(ab.d.installed(), "release-2");
+
+    // The full artifact still updates the device.
+    assert_eq!(ab.run_to_end(&full3), ["reboot", "commit"]);
+    ab.boot();
+    let newer = newer_image();
+    assert!(ab.head("part2", newer.len()) == newer);
+    assert_eq!(ab.d.installed(), "release-3");
+}

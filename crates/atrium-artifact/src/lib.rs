@@ -35,6 +35,8 @@
 //!   and signatures as version 3 defines them); they are refused with a clear error.
 //! - Augmented artifacts (`manifest-augment`, `header-augment.tar*`), which Mender uses for
 //!   binary delta updates: the delta format is Mender's commercial add-on and is refused.
+//!   Atrium's own deltas ([`delta`], payload type `rootfs-image-delta`) are ordinary version 3
+//!   artifacts with one payload: a Zstandard patch from the source image to the target.
 //! - Artifacts with more than one payload are read (the format allows them), but the writer
 //!   makes one payload per artifact, as `mender-artifact` does.
 //! - Signatures other than ECDSA P-256 and RSA (2048 to 8192 bits) PKCS#1 v1.5 with SHA-256,
@@ -44,6 +46,7 @@
 //!   `zstd_best`), but that direction of interoperability is only testable with newer Mender tools.
 
 mod compression;
+pub mod delta;
 mod error;
 mod format;
 mod reader;

@@ -539,10 +539,11 @@ fn payload_index(s: &str) -> Option<usize> {
     }
 }
 
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
+/// Reads through, taking the SHA-256 and counting the bytes.
+pub(crate) struct HashingReader<R> {
+    pub(crate) inner: R,
+    pub(crate) hasher: Sha256,
+    pub(crate) count: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {

@@ -62,6 +62,9 @@ impl FileSource {
 pub enum PayloadKind {
     /// A root filesystem image (exactly one file), installed by A/B switching.
     RootfsImage,
+    /// A binary delta from one root filesystem image to another (exactly one file, the
+    /// patch; see [`crate::delta`]), installed by A/B switching like a `rootfs-image`.
+    RootfsImageDelta,
     /// A payload for the update module of that name (any number of files).
     Module(String),
 }
@@ -71,8 +74,18 @@ impl PayloadKind {
     pub fn type_name(&self) -> &str {
         match self {
             PayloadKind::RootfsImage => "rootfs-image",
+            PayloadKind::RootfsImageDelta => crate::delta::DELTA_PAYLOAD_TYPE,
             PayloadKind::Module(name) => name,
         }
+    }
+
+    /// Whether the payload is a root filesystem (full or delta): one file, and the
+    /// `rootfs-image` version key and clears.
+    pub fn is_rootfs(&self) -> bool {
+        matches!(
+            self,
+            PayloadKind::RootfsImage | PayloadKind::RootfsImageDelta
+        )
     }
 }
 
@@ -213,13 +226,14 @@ fn validate(spec: &WriteSpec) -> Result<(), Error> {
         ));
     }
     match &spec.payload.kind {
-        PayloadKind::RootfsImage if spec.payload.files.len() != 1 => {
-            return Err(Error::Spec(
-                "a rootfs-image payload has exactly one file".into(),
-            ));
+        kind if kind.is_rootfs() && spec.payload.files.len() != 1 => {
+            return Err(Error::Spec(format!(
+                "a {} payload has exactly one file",
+                kind.type_name()
+            )));
         }
         PayloadKind::Module(t) => check_plain_name("the payload type", t)?,
-        PayloadKind::RootfsImage => {}
+        PayloadKind::RootfsImage | PayloadKind::RootfsImageDelta => {}
     }
     let mut names = BTreeSet::new();
     for f in &spec.payload.files {
@@ -364,7 +378,9 @@ pub fn write<W: Write>(
         .as_deref()
         .unwrap_or("rootfs-image");
     let software_name = match kind {
-        PayloadKind::RootfsImage => payload.software_name.as_deref(),
+        PayloadKind::RootfsImage | PayloadKind::RootfsImageDelta => {
+            payload.software_name.as_deref()
+        }
         PayloadKind::Module(t) => Some(payload.software_name.as_deref().unwrap_or(t)),
     };
     let prefix = match software_name {
@@ -382,7 +398,7 @@ pub fn write<W: Write>(
     if payload.default_software_version {
         provides.insert(format!("{prefix}.version"), software_version);
         if payload.default_clears_provides {
-            if *kind == PayloadKind::RootfsImage && prefix == "rootfs-image" {
+            if kind.is_rootfs() && prefix == "rootfs-image" {
                 clears.push("artifact_group".to_owned());
                 clears.push("rootfs_image_checksum".to_owned());
             }

@@ -41,6 +41,10 @@ const CHUNK: usize = 256 * 1024;
 /// The server's artifact machinery: the blob store, verification keys, the link key.
 pub struct Artifacts {
     blobs: Arc<dyn BlobStore>,
+    /// Where deltas are staged while they are made (the data directory).
+    staging: std::path::PathBuf,
+    /// One delta at a time: making one holds both images in memory.
+    delta_slot: tokio::sync::Semaphore,
     /// (file name, key) of each configured verification key.
     keys: Vec<(String, VerifyingKey)>,
     url_key: ring::hmac::Key,
@@ -85,6 +89,8 @@ impl Artifacts {
         let url_key = load_or_create_key(&config.data_dir.join(URL_KEY_FILE))?;
         Ok(Artifacts {
             blobs: Arc::new(blobs),
+            staging: config.data_dir.clone(),
+            delta_slot: tokio::sync::Semaphore::new(1),
             keys,
             url_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &url_key),
             max_bytes: config.artifact_max_bytes,
@@ -154,6 +160,94 @@ impl Artifacts {
             (Err(_), Some(Err(e))) => Err(e),
             (Err(e), _) => Err(UploadError::Internal(format!("storing the artifact: {e}"))),
         }
+    }
+
+    /// Makes the delta artifact from the stored full artifact `from` to the stored full
+    /// artifact `to` and stores it as the blob `id`: both artifacts are streamed from the blob
+    /// store through the artifact reader on a blocking thread, the delta is staged in an
+    /// unnamed temporary file in the data directory, read back (verified) and streamed into
+    /// the blob store. One delta is made at a time. `Invalid` when an artifact is not a full
+    /// `rootfs-image` one or an image is too large for a delta's window.
+    pub async fn make_delta(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        level: i32,
+    ) -> Result<(Artifact, Stored, atrium_artifact::delta::PatchInfo), UploadError> {
+        let internal = |what: &str, e: io::Error| UploadError::Internal(format!("{what}: {e}"));
+        let _slot = self
+            .delta_slot
+            .acquire()
+            .await
+            .map_err(|e| UploadError::Internal(e.to_string()))?;
+        let mut readers = Vec::new();
+        for key in [from, to] {
+            let size = self
+                .blobs
+                .size(key)
+                .await
+                .map_err(|e| internal("reading an artifact", e))?;
+            let reader = self
+                .blobs
+                .get(key, 0, size)
+                .await
+                .map_err(|e| internal("reading an artifact", e))?;
+            readers.push(reader);
+        }
+        let (Some(to_reader), Some(from_reader)) = (readers.pop(), readers.pop()) else {
+            return Err(UploadError::Internal("artifact readers".into()));
+        };
+        let staging = self.staging.clone();
+        let handle = tokio::runtime::Handle::current();
+        let job = tokio::task::spawn_blocking(move || {
+            let from = io::BufReader::new(tokio_util::io::SyncIoBridge::new_with_handle(
+                from_reader,
+                handle.clone(),
+            ));
+            let to = io::BufReader::new(tokio_util::io::SyncIoBridge::new_with_handle(
+                to_reader, handle,
+            ));
+            let invalid = |e: atrium_artifact::Error| match e {
+                atrium_artifact::Error::Io(e) => internal("making the delta", e),
+                other => UploadError::Invalid(other.to_string()),
+            };
+            let mut out =
+                tempfile::tempfile_in(&staging).map_err(|e| internal("staging the delta", e))?;
+            let made = atrium_artifact::delta::write_delta_from_artifacts(
+                from,
+                to,
+                &ReadOptions::default(),
+                level,
+                io::BufWriter::new(&mut out),
+                atrium_artifact::WriteOptions {
+                    compression: atrium_artifact::Compression::None,
+                    temp_dir: Some(staging.clone()),
+                    ..Default::default()
+                },
+            )
+            .map_err(invalid)?;
+            use std::io::Seek as _;
+            out.rewind().map_err(|e| internal("staging the delta", e))?;
+            let artifact = atrium_artifact::read(
+                io::BufReader::new(&mut out),
+                &ReadOptions::default(),
+                &mut Discard,
+            )
+            .map_err(invalid)?;
+            out.rewind().map_err(|e| internal("staging the delta", e))?;
+            Ok::<_, UploadError>((artifact, made.patch, out))
+        });
+        let (artifact, patch, file) = job
+            .await
+            .map_err(|e| UploadError::Internal(format!("the delta task failed: {e}")))??;
+        let mut file = tokio::fs::File::from_std(file);
+        let stored = self
+            .blobs
+            .put(id, &mut file)
+            .await
+            .map_err(|e| internal("storing the delta", e))?;
+        Ok((artifact, stored, patch))
     }
 
     /// The signature of a download link for `id` valid until `expires` (unix seconds).

@@ -1,6 +1,8 @@
 //! Update artifacts: what the server knows about each uploaded artifact (its bytes live in the
-//! server's blob store under the artifact's id). One artifact per (name, device type), as
-//! Mender enforces: a second upload whose name and any device type collide is a `Conflict`.
+//! server's blob store under the artifact's id). One artifact per (name, device type, depends),
+//! as Mender enforces: a second upload whose name, any device type and every other dependency
+//! collide is a `Conflict`; a delta artifact (same name as the full one, but depending on the
+//! source image's checksum) may sit beside the full artifact.
 
 use std::collections::BTreeMap;
 
@@ -81,14 +83,27 @@ fn artifact(row: &AnyRow) -> Result<ArtifactRecord, StoreError> {
     })
 }
 
+/// What two artifacts of one name must differ in to coexist: their depends apart from the
+/// device types (which `artifact_device_types` compares one by one).
+fn depends_key(
+    depends: &BTreeMap<String, serde_json::Value>,
+) -> BTreeMap<&str, &serde_json::Value> {
+    depends
+        .iter()
+        .filter(|(k, _)| k.as_str() != "device_type")
+        .map(|(k, v)| (k.as_str(), v))
+        .collect()
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 impl Store {
-    /// Records an uploaded artifact with its `artifact.uploaded` audit entry. `Conflict` when
-    /// an artifact of the same name is already compatible with one of its device types;
-    /// `Invalid` without a name or device type.
+    /// Records an uploaded artifact with its audit entry (`artifact.uploaded`, or what the
+    /// caller made). `Conflict` when an artifact of the same name with the same depends (apart
+    /// from the device types) is already compatible with one of its device types; `Invalid`
+    /// without a name or device type.
     pub async fn insert_artifact(
         &self,
         record: &ArtifactRecord,
@@ -103,8 +118,38 @@ impl Store {
             ));
         }
         let mut tx = self.begin_write().await?;
+        let backend = self.backend();
         let r = async {
             let conn = tx.conn();
+            if backend == crate::store::Backend::Postgres {
+                // Uploads are rare: one at a time, so the check below cannot race (SQLite's
+                // write transactions are serialized already).
+                sqlx::query("LOCK TABLE artifact_device_types IN SHARE ROW EXCLUSIVE MODE")
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            let mut types = record.device_types.clone();
+            types.sort();
+            types.dedup();
+            let rows = sqlx::query(
+                "SELECT t.device_type, a.depends FROM artifact_device_types t \
+                 JOIN artifacts a ON a.id = t.artifact_id WHERE t.name = $1",
+            )
+            .bind(record.name.as_str())
+            .fetch_all(&mut *conn)
+            .await?;
+            let mine = depends_key(&record.depends);
+            for row in &rows {
+                let device_type: String = get(row, "device_type")?;
+                let depends: BTreeMap<String, serde_json::Value> = json_col(row, "depends")?;
+                if types.contains(&device_type) && depends_key(&depends) == mine {
+                    return Err(StoreError::Conflict(format!(
+                        "an artifact named {:?} for device type {device_type:?} with the same \
+                         depends exists already",
+                        record.name
+                    )));
+                }
+            }
             sqlx::query(
                 "INSERT INTO artifacts (id, name, device_types, provides, depends, \
                  clears_provides, payload_types, size, sha256, signed, verified_key, \
@@ -127,9 +172,6 @@ impl Store {
             .bind(record.uploaded_ms)
             .execute(&mut *conn)
             .await?;
-            let mut types = record.device_types.clone();
-            types.sort();
-            types.dedup();
             for device_type in &types {
                 sqlx::query(
                     "INSERT INTO artifact_device_types (artifact_id, name, device_type) \
@@ -139,16 +181,7 @@ impl Store {
                 .bind(record.name.as_str())
                 .bind(device_type.as_str())
                 .execute(&mut *conn)
-                .await
-                .map_err(|e| {
-                    crate::error::unique_as_conflict(
-                        e,
-                        &format!(
-                            "an artifact named {:?} for device type {device_type:?} exists already",
-                            record.name
-                        ),
-                    )
-                })?;
+                .await?;
             }
             insert_audit(conn, std::slice::from_ref(&audit)).await?;
             Ok(())

@@ -138,10 +138,16 @@ const MIGRATIONS: &[MigrationFile] = &[
         sqlite: include_str!("../migrations/sqlite/0009_deployments.sql"),
         postgres: include_str!("../migrations/postgres/0009_deployments.sql"),
     },
+    MigrationFile {
+        version: 10,
+        description: "artifact_depends",
+        sqlite: include_str!("../migrations/sqlite/0010_artifact_depends.sql"),
+        postgres: include_str!("../migrations/postgres/0010_artifact_depends.sql"),
+    },
 ];
 
 /// The schema version this build migrates to.
-pub const LATEST_SCHEMA_VERSION: i64 = 9;
+pub const LATEST_SCHEMA_VERSION: i64 = 10;
 
 /// The file names of the embedded migrations, for the test that keeps the list honest.
 #[doc(hidden)]

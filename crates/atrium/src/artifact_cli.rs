@@ -47,6 +47,9 @@ pub enum ArtifactCmd {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Writes a delta artifact (payload type rootfs-image-delta) from one root filesystem
+    /// image to the next: from two full rootfs-image artifacts, or from two image files.
+    Delta(Box<DeltaArgs>),
     /// Signs an artifact (its manifest) with a private key.
     Sign {
         /// The artifact file.
@@ -161,6 +164,58 @@ pub struct WriteArgs {
     no_progress: bool,
 }
 
+#[derive(Args)]
+pub struct DeltaArgs {
+    /// The full rootfs-image artifact the devices run (the delta's source).
+    #[arg(
+        long,
+        required_unless_present = "from_image",
+        conflicts_with = "from_image"
+    )]
+    from: Option<PathBuf>,
+    /// The full rootfs-image artifact to update to: the delta takes its name, device types,
+    /// group, depends, provides and state scripts.
+    #[arg(
+        long,
+        required_unless_present = "to_image",
+        conflicts_with = "to_image"
+    )]
+    to: Option<PathBuf>,
+    /// The source image file (instead of --from).
+    #[arg(long, requires = "to_image")]
+    from_image: Option<PathBuf>,
+    /// The target image file (instead of --to); needs -n and -c.
+    #[arg(long, requires_all = ["from_image", "name", "device_types"])]
+    to_image: Option<PathBuf>,
+    /// The artifact's name (with --to-image).
+    #[arg(short = 'n', long = "artifact-name", conflicts_with = "to")]
+    name: Option<String>,
+    /// A compatible device type (with --to-image); repeat for more.
+    #[arg(
+        short = 'c',
+        long = "compatible-types",
+        visible_short_alias = 't',
+        conflicts_with = "to"
+    )]
+    device_types: Vec<String>,
+    /// The group the artifact provides (with --to-image).
+    #[arg(short = 'g', long = "provides-group", conflicts_with = "to")]
+    provides_group: Option<String>,
+    /// The artifact file to write.
+    #[arg(short = 'o', long = "output-path")]
+    output: PathBuf,
+    /// Private key (PEM) to sign with: ECDSA P-256 or RSA.
+    #[arg(short = 'k', long = "key")]
+    key: Option<PathBuf>,
+    /// Zstandard level of the patch (1-22).
+    #[arg(long, default_value_t = atrium_artifact::delta::DEFAULT_DELTA_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    /// Compression of the header and of the (already compressed) patch.
+    #[arg(long, default_value = "none")]
+    compression: Compression,
+}
+
 /// Runs an artifact command.
 pub fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
     match cmd {
@@ -219,6 +274,7 @@ pub fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
             println!("Artifact file '{}' validated successfully", file.display());
             Ok(())
         }
+        ArtifactCmd::Delta(args) => delta(*args),
         ArtifactCmd::Sign {
             file,
             key,
@@ -365,6 +421,61 @@ fn write(mut payload: PayloadSpec, args: WriteArgs) -> anyhow::Result<()> {
     staging
         .persist(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
+    Ok(())
+}
+
+fn delta(args: DeltaArgs) -> anyhow::Result<()> {
+    use atrium_artifact::delta;
+    let key = args.key.as_deref().map(signing_key).transpose()?;
+    let staging = staging_beside(&args.output)?;
+    let options = WriteOptions {
+        compression: args.compression,
+        key: key.as_ref(),
+        temp_dir: staging.path().parent().map(Path::to_path_buf),
+        progress: None,
+    };
+    let out = std::io::BufWriter::new(staging.as_file());
+    let made = match (&args.from, &args.to, &args.from_image, &args.to_image) {
+        (Some(from), Some(to), None, None) => {
+            let open = |p: &Path| {
+                File::open(p)
+                    .map(std::io::BufReader::new)
+                    .with_context(|| format!("opening {}", p.display()))
+            };
+            delta::write_delta_from_artifacts(
+                open(from)?,
+                open(to)?,
+                &ReadOptions::default(),
+                args.level,
+                out,
+                options,
+            )?
+        }
+        (None, None, Some(from), Some(to)) => {
+            let mut spec = delta::DeltaSpec::new(
+                args.name.clone().unwrap_or_default(),
+                args.device_types.clone(),
+            );
+            spec.provides_group = args.provides_group.clone();
+            spec.level = args.level;
+            delta::write_delta(from, to, &spec, out, options)?
+        }
+        _ => bail!("give --from and --to (artifacts), or --from-image and --to-image"),
+    };
+    staging.as_file().sync_all()?;
+    let size = staging.as_file().metadata()?.len();
+    staging
+        .persist(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let meta = &made.patch.meta;
+    println!(
+        "{}: {size} bytes, from image {} ({} bytes) to {} ({} bytes)",
+        args.output.display(),
+        meta.source_sha256,
+        meta.source_size,
+        meta.target_sha256,
+        meta.target_size
+    );
     Ok(())
 }
 

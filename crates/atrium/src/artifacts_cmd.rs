@@ -1,4 +1,5 @@
-//! `atrium artifact upload|list|show|delete|download|link`: the server's artifact store.
+//! `atrium artifact upload|list|show|delete|download|link|make-delta`: the server's artifact
+//! store.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -64,6 +65,23 @@ pub enum RemoteCmd {
         /// Where to write it.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Makes a delta artifact on the server from the full rootfs-image artifact --from to the
+    /// full artifact ID, stored beside them.
+    MakeDelta {
+        /// The target artifact's id.
+        id: String,
+        /// The source artifact's id (what the devices run).
+        #[arg(long)]
+        from: String,
+        /// Zstandard level of the patch (1-22; default: the server's).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: Option<i32>,
+        /// Prints the stored delta as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Connection,
     },
@@ -228,6 +246,37 @@ pub async fn run(cmd: RemoteCmd) -> anyhow::Result<()> {
                 );
             }
             println!("{} ({total} bytes, sha256 {sum})", output.display());
+            Ok(())
+        }
+        RemoteCmd::MakeDelta {
+            id,
+            from,
+            level,
+            json,
+            conn,
+        } => {
+            for part in [&id, &from] {
+                anyhow::ensure!(
+                    !part.is_empty()
+                        && part
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                    "{part:?} is not an artifact id"
+                );
+            }
+            let level = level.map(|l| format!("&level={l}")).unwrap_or_default();
+            let made: ArtifactView = conn
+                .client_with_timeout(None)?
+                .post(
+                    &format!("/api/v1/artifacts/{id}/delta?from={from}{level}"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&made)?);
+            } else {
+                println!("{}  {}  {} bytes  (delta)", made.id, made.name, made.size);
+            }
             Ok(())
         }
         RemoteCmd::Link { id, ttl, conn } => {

@@ -377,3 +377,183 @@ fn same_arguments_same_header_as_mender_artifact() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only format version 3"));
 }
+
+/// Keeps the payload files of an artifact read with the library.
+#[derive(Default)]
+struct Keep(Vec<Vec<u8>>);
+
+impl atrium_artifact::PayloadSink for Keep {
+    fn file(
+        &mut self,
+        _file: &atrium_artifact::PayloadFile,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), atrium_artifact::BoxError> {
+        let mut content = Vec::new();
+        data.read_to_end(&mut content)?;
+        self.0.push(content);
+        Ok(())
+    }
+}
+
+/// Reads a delta artifact and applies its patch to `source`.
+fn apply_delta(artifact: &Path, source: &[u8]) -> Vec<u8> {
+    use atrium_artifact::delta::{DeltaMeta, apply_patch, check_source};
+    let mut keep = Keep::default();
+    let read = atrium_artifact::read(
+        fs::File::open(artifact).expect("open"),
+        &atrium_artifact::ReadOptions::default(),
+        &mut keep,
+    )
+    .expect("the delta artifact reads");
+    let meta = DeltaMeta::from_meta_data(read.header.payloads[0].meta_data.as_ref())
+        .expect("delta meta-data");
+    check_source(source, &meta).expect("the delta's source");
+    let mut out = Vec::new();
+    apply_patch(source, &mut &keep.0[0][..], &meta, &mut out).expect("applies");
+    out
+}
+
+#[test]
+fn delta_from_artifacts_and_from_images() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (old_img, new_img) = (d.join("old.ext4"), d.join("new.ext4"));
+    // xorshift noise: incompressible, so only the delta's use of the old image makes it small.
+    let mut x = 0x9e37_79b9_u32;
+    let old: Vec<u8> = (0..400_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let mut new = old.clone();
+    new[100_000..101_000].fill(0xa5);
+    new.extend_from_slice(&old[..20_000]);
+    fs::write(&old_img, &old).expect("old");
+    fs::write(&new_img, &new).expect("new");
+    let ec_key = d.join("ec.key");
+    ok(
+        "openssl",
+        &[
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+            s(&ec_key),
+        ],
+    );
+    let (old_art, new_art, delta) = (
+        d.join("old.mender"),
+        d.join("new.mender"),
+        d.join("d.mender"),
+    );
+    for (img, art, name) in [(&old_img, &old_art, "sw-1"), (&new_img, &new_art, "sw-2")] {
+        atrium_ok(&[
+            "artifact",
+            "write",
+            "rootfs-image",
+            "-f",
+            s(img),
+            "-n",
+            name,
+            "-c",
+            "gw",
+            "-g",
+            "fleet",
+            "-o",
+            s(art),
+        ]);
+    }
+    atrium_ok(&[
+        "artifact",
+        "delta",
+        "--from",
+        s(&old_art),
+        "--to",
+        s(&new_art),
+        "-o",
+        s(&delta),
+        "-k",
+        s(&ec_key),
+        "--level",
+        "3",
+    ]);
+    // Debian's mender-artifact reads it as an ordinary artifact with one payload.
+    let shown = ok("mender-artifact", &["read", s(&delta)]);
+    assert!(shown.contains("rootfs-image-delta"), "{shown}");
+    let json: serde_json::Value =
+        serde_json::from_str(&atrium_ok(&["artifact", "read", "--json", s(&delta)])).expect("json");
+    let header = &json["header"];
+    assert_eq!(header["info"]["artifact_provides"]["artifact_name"], "sw-2");
+    assert_eq!(header["signature"], "unverified");
+    let ti = &header["payloads"][0]["type_info"];
+    let sha = |b: &[u8]| {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(b))
+    };
+    assert_eq!(ti["artifact_depends"]["rootfs-image.checksum"], sha(&old));
+    assert_eq!(ti["artifact_provides"]["rootfs-image.checksum"], sha(&new));
+    assert!(
+        fs::metadata(&delta).expect("delta").len()
+            < fs::metadata(&new_art).expect("full").len() / 10
+    );
+    assert!(
+        apply_delta(&delta, &old) == new,
+        "from artifacts: wrong image"
+    );
+
+    // From image files.
+    let delta2 = d.join("d2.mender");
+    atrium_ok(&[
+        "artifact",
+        "delta",
+        "--from-image",
+        s(&old_img),
+        "--to-image",
+        s(&new_img),
+        "-n",
+        "sw-2",
+        "-c",
+        "gw",
+        "-o",
+        s(&delta2),
+    ]);
+    assert!(
+        apply_delta(&delta2, &old) == new,
+        "from images: wrong image"
+    );
+
+    // Half the options, or a delta as the source: refused, nothing written.
+    let bad = d.join("bad.mender");
+    for args in [
+        vec!["artifact", "delta", "--from", s(&old_art), "-o", s(&bad)],
+        vec![
+            "artifact",
+            "delta",
+            "--from-image",
+            s(&old_img),
+            "--to-image",
+            s(&new_img),
+            "-o",
+            s(&bad),
+        ],
+        vec![
+            "artifact",
+            "delta",
+            "--from",
+            s(&delta),
+            "--to",
+            s(&new_art),
+            "-o",
+            s(&bad),
+        ],
+    ] {
+        let out = atrium(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(!bad.exists(), "{args:?} left a file");
+    }
+}

@@ -1,4 +1,5 @@
-//! The payload types the agent installs itself: `rootfs-image` (A/B), `single-file`,
+//! The payload types the agent installs itself: `rootfs-image` (A/B), `rootfs-image-delta`
+//! (the same A/B update from a binary delta against the running image), `single-file`,
 //! `directory` and `script`, with the payload conventions of Mender's modules of those names.
 //! A module of the same name in the modules directory takes precedence.
 
@@ -7,14 +8,21 @@ use std::io::{self, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use atrium_artifact::PayloadFile;
+use atrium_artifact::delta::{CHECKSUM_KEY, DeltaMeta};
+use atrium_artifact::{DependValue, PayloadFile, TypeInfo};
 use serde::{Deserialize, Serialize};
 
 use super::state::State;
 use super::{Error, Handler, Log};
 
 /// Names of the built-in payload types.
-pub const BUILTIN: [&str; 4] = ["rootfs-image", "single-file", "directory", "script"];
+pub const BUILTIN: [&str; 5] = [
+    "rootfs-image",
+    "rootfs-image-delta",
+    "single-file",
+    "directory",
+    "script",
+];
 
 /// Which tool edits the bootloader environment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -262,6 +270,37 @@ impl Rootfs {
         Ok(upgrade)
     }
 
+    /// Counts the payload's files: an A/B payload holds exactly one.
+    fn one_file(&mut self, what: &str) -> Result<(), Error> {
+        self.files += 1;
+        if self.files > 1 {
+            return Err(Error::Module(format!(
+                "{what}: the payload must hold exactly one image"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fills the inactive partition with what `fill` writes, fsynced (a file standing for a
+    /// partition is cut to the written length); returns the bytes written and the partition.
+    fn write_target(
+        &self,
+        fill: impl FnOnce(&mut File, &Path) -> Result<u64, Error>,
+    ) -> Result<(u64, PathBuf), Error> {
+        let slots = self.slots()?;
+        let io = |e: io::Error| Error::Io(format!("{}: {e}", slots.target.display()));
+        let mut out = OpenOptions::new()
+            .write(true)
+            .open(&slots.target)
+            .map_err(io)?;
+        let written = fill(&mut out, &slots.target)?;
+        if out.metadata().map_err(io)?.is_file() {
+            out.set_len(written).map_err(io)?;
+        }
+        out.sync_all().map_err(io)?;
+        Ok((written, slots.target))
+    }
+
     fn point_to(&self, part: &Path, trial: bool) -> Result<(), Error> {
         let n = part_number(part)?;
         let mut vars = vec![
@@ -298,28 +337,15 @@ impl Handler for Rootfs {
     }
 
     fn file(&mut self, file: &PayloadFile, data: &mut dyn Read) -> Result<(), Error> {
-        self.files += 1;
-        if self.files > 1 {
-            return Err(Error::Module(
-                "rootfs-image: the payload must hold exactly one image".into(),
-            ));
-        }
-        let slots = self.slots()?;
-        let io = |e: io::Error| Error::Io(format!("{}: {e}", slots.target.display()));
-        let mut out = OpenOptions::new()
-            .write(true)
-            .open(&slots.target)
-            .map_err(io)?;
-        let written = io::copy(data, &mut out).map_err(io)?;
-        if out.metadata().map_err(io)?.is_file() {
-            out.set_len(written).map_err(io)?;
-        }
-        out.sync_all().map_err(io)?;
+        self.one_file("rootfs-image")?;
+        let (written, target) = self.write_target(|out, target| {
+            io::copy(data, out).map_err(|e| Error::Io(format!("{}: {e}", target.display())))
+        })?;
         self.log.line(format!(
             "rootfs-image: wrote {} bytes of {} to {}",
             written,
             file.name,
-            slots.target.display()
+            target.display()
         ));
         Ok(())
     }
@@ -394,6 +420,116 @@ impl Handler for Rootfs {
     fn rebooted_into_new(&mut self) -> Option<bool> {
         let slots = self.slots().ok()?;
         Some(self.config.booted().ok()? == slots.target)
+    }
+}
+
+/// `rootfs-image-delta`: the A/B update of `rootfs-image`, whose payload is a patch from the
+/// image the device runs (see `atrium_artifact::delta`). Before anything is written the active
+/// partition's first `source_size` bytes must have the SHA-256 the payload depends on; the
+/// patch is applied streaming into the inactive partition and the result must have the
+/// target's size and SHA-256, or Download fails and the bootloader is never switched (the
+/// full artifact is then the way to update). Every later state is `rootfs-image`'s.
+pub struct RootfsDelta {
+    inner: Rootfs,
+}
+
+impl RootfsDelta {
+    pub fn new(config: RootfsConfig, tree: PathBuf, log: Log) -> Self {
+        RootfsDelta {
+            inner: Rootfs::new(config, tree, log),
+        }
+    }
+
+    /// The payload's delta meta-data, which must agree with its dependency.
+    fn meta(&self) -> Result<DeltaMeta, Error> {
+        let header = self.inner.tree.join("header");
+        let read = |name: &str| {
+            fs::read(header.join(name)).map_err(|e| Error::Io(format!("header/{name}: {e}")))
+        };
+        let bad = |e: String| Error::Module(format!("rootfs-image-delta: {e}"));
+        let bytes = read("meta-data")?;
+        let meta: Option<serde_json::Map<String, serde_json::Value>> = if bytes.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_slice(&bytes).map_err(|e| bad(format!("meta-data: {e}")))?)
+        };
+        let meta = DeltaMeta::from_meta_data(meta.as_ref()).map_err(|e| bad(e.to_string()))?;
+        let type_info: TypeInfo = serde_json::from_slice(&read("type-info")?)
+            .map_err(|e| bad(format!("type-info: {e}")))?;
+        let depends = type_info.artifact_depends.get(CHECKSUM_KEY);
+        if depends != Some(&DependValue::One(meta.source_sha256.clone())) {
+            return Err(bad(format!(
+                "the payload must depend on {CHECKSUM_KEY} = its source image's SHA-256"
+            )));
+        }
+        Ok(meta)
+    }
+
+    /// The active partition's image: its first `size` bytes.
+    fn active_image(&self, size: u64) -> Result<(Vec<u8>, PathBuf), Error> {
+        let slots = self.inner.slots()?;
+        let io = |e: io::Error| Error::Io(format!("{}: {e}", slots.previous.display()));
+        let part = File::open(&slots.previous).map_err(io)?;
+        let mut image = Vec::new();
+        image
+            .try_reserve_exact(usize::try_from(size).unwrap_or(usize::MAX))
+            .map_err(|e| {
+                Error::Module(format!(
+                    "rootfs-image-delta: no memory for the {size}-byte source image: {e}"
+                ))
+            })?;
+        part.take(size).read_to_end(&mut image).map_err(io)?;
+        Ok((image, slots.previous))
+    }
+}
+
+impl Handler for RootfsDelta {
+    fn needs_reboot(&mut self) -> Result<String, Error> {
+        self.inner.needs_reboot()
+    }
+
+    fn supports_rollback(&mut self) -> Result<bool, Error> {
+        self.inner.supports_rollback()
+    }
+
+    fn begin_download(&mut self) -> Result<(), Error> {
+        self.inner.begin_download()
+    }
+
+    fn file(&mut self, file: &PayloadFile, data: &mut dyn Read) -> Result<(), Error> {
+        self.inner.one_file("rootfs-image-delta")?;
+        let meta = self.meta()?;
+        let (source, active) = self.active_image(meta.source_size)?;
+        atrium_artifact::delta::check_source(&source, &meta).map_err(|e| {
+            Error::Module(format!(
+                "rootfs-image-delta: the running system ({}) is not the delta's source: {e}",
+                active.display()
+            ))
+        })?;
+        let (written, target) = self.inner.write_target(|out, _| {
+            atrium_artifact::delta::apply_patch(&source, data, &meta, out)
+                .map_err(|e| Error::Module(format!("rootfs-image-delta: {e}")))
+        })?;
+        self.inner.log.line(format!(
+            "rootfs-image-delta: applied {} to the image of {}: wrote {written} bytes (SHA-256 {}) to {}",
+            file.name,
+            active.display(),
+            meta.target_sha256,
+            target.display()
+        ));
+        Ok(())
+    }
+
+    fn end_download(&mut self) -> Result<(), Error> {
+        self.inner.end_download()
+    }
+
+    fn state(&mut self, state: State) -> Result<(), Error> {
+        self.inner.state(state)
+    }
+
+    fn rebooted_into_new(&mut self) -> Option<bool> {
+        self.inner.rebooted_into_new()
     }
 }
 

@@ -4,7 +4,8 @@
 //! - [`state`]: what is persisted (`<data-dir>/update/state.json`, `provides.json`).
 //! - [`modules`]: the module runner, its file tree and the Download streams.
 //! - [`scripts`]: state scripts (`<State>_Enter|Leave|Error_NN[_name]`, 21 = retry later).
-//! - [`builtin`]: `rootfs-image` (A/B), `single-file`, `directory`, `script`.
+//! - [`builtin`]: `rootfs-image` (A/B), `rootfs-image-delta` (A/B from a binary delta),
+//!   `single-file`, `directory`, `script`.
 //! - [`fetch`]: HTTP(S) downloads that resume with `Range` after a broken connection.
 //!
 //! [`Installer`] is the API of both the standalone commands (`atrium-agent install|commit|
@@ -363,6 +364,11 @@ impl Installer {
         Ok(match payload_type {
             "" => Box::new(builtin::Empty),
             "rootfs-image" => Box::new(builtin::Rootfs::new(
+                self.settings.update.rootfs.clone(),
+                tree,
+                self.log.clone(),
+            )),
+            "rootfs-image-delta" => Box::new(builtin::RootfsDelta::new(
                 self.settings.update.rootfs.clone(),
                 tree,
                 self.log.clone(),

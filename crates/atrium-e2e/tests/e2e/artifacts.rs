@@ -14,7 +14,10 @@ use sha2::{Digest, Sha256};
 
 use crate::harness::{Backend, TestServer};
 
-crate::both_backends!(artifacts_upload_list_download_delete);
+crate::both_backends!(
+    artifacts_upload_list_download_delete,
+    deltas_made_by_the_server
+);
 
 const MEDIA: &str = "application/vnd.mender-artifact";
 
@@ -463,4 +466,133 @@ async fn signed_uploads_only_when_keys_are_configured() {
     let (status, body) = upload(&small, big, "").await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert!(blob_files(&small).is_empty());
+}
+
+/// Keeps an artifact's payload files.
+#[derive(Default)]
+struct Keep(Vec<Vec<u8>>);
+
+impl atrium_artifact::PayloadSink for Keep {
+    fn file(
+        &mut self,
+        _file: &atrium_artifact::PayloadFile,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), atrium_artifact::BoxError> {
+        let mut content = Vec::new();
+        data.read_to_end(&mut content)?;
+        self.0.push(content);
+        Ok(())
+    }
+}
+
+async fn deltas_made_by_the_server(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = payload(dir.path(), 2 << 20);
+    let old = std::fs::read(&image).expect("old image");
+    let full_1 = atrium_artifact(dir.path(), "release-1", &["pi4", "pi5"], &image, None);
+    let mut new = old.clone();
+    new[300_000..310_000].fill(0x5a);
+    new.extend_from_slice(&old[..50_000]);
+    std::fs::write(&image, &new).expect("new image");
+    let full_2 = atrium_artifact(dir.path(), "release-2", &["pi5"], &image, None);
+    let (status, a) = upload(&server, full_1, "").await;
+    assert_eq!(status, StatusCode::CREATED, "{a}");
+    let (status, b) = upload(&server, full_2.clone(), "").await;
+    assert_eq!(status, StatusCode::CREATED, "{b}");
+    let (a_id, b_id) = (a["id"].as_str().expect("id"), b["id"].as_str().expect("id"));
+
+    let post = |path: String| {
+        let request = server
+            .http()
+            .post(format!("{}{path}", server.api_url()))
+            .bearer_auth(&server.token);
+        async move {
+            let response = request.send().await.expect("post");
+            let status = response.status();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    // Made through the CLI (`atrium artifact make-delta`, the REST call underneath).
+    let cli = atrium_cli(&server);
+    let said = cli(&[
+        "artifact",
+        "make-delta",
+        b_id,
+        "--from",
+        a_id,
+        "--level",
+        "3",
+        "--json",
+    ]);
+    let d: Value = serde_json::from_str(&said).expect("json");
+    let d_id = d["id"].as_str().expect("id").to_owned();
+    // Beside the full release-2, under the same name: it depends on release-1's image.
+    assert_eq!(d["name"], "release-2");
+    assert_eq!(d["device_types"], serde_json::json!(["pi5"]));
+    assert_eq!(
+        d["payload_types"],
+        serde_json::json!(["rootfs-image-delta"])
+    );
+    assert_eq!(d["depends"]["rootfs-image.checksum"], sha256(&old));
+    assert_eq!(d["provides"]["rootfs-image.checksum"], sha256(&new));
+    assert_eq!(d["signed"], false);
+    let size = d["size"].as_i64().expect("size");
+    assert!(
+        size < full_2.len() as i64 / 10,
+        "delta {size} bytes, full {}",
+        full_2.len()
+    );
+    let actions = server.audit_actions(&d_id).await;
+    assert_eq!(actions, ["artifact.delta_created"], "{actions:?}");
+
+    // Downloaded and applied to release-1's image, it makes release-2's.
+    let bytes = server
+        .http()
+        .get(format!(
+            "{}/api/v1/artifacts/{d_id}/download",
+            server.api_url()
+        ))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("download")
+        .bytes()
+        .await
+        .expect("body");
+    let mut keep = Keep::default();
+    let read = atrium_artifact::read(
+        &bytes[..],
+        &atrium_artifact::ReadOptions::default(),
+        &mut keep,
+    )
+    .expect("the delta reads");
+    let meta = atrium_artifact::delta::DeltaMeta::from_meta_data(
+        read.header.payloads[0].meta_data.as_ref(),
+    )
+    .expect("meta-data");
+    let mut made = Vec::new();
+    atrium_artifact::delta::apply_patch(&old, &mut &keep.0[0][..], &meta, &mut made)
+        .expect("applies");
+    assert!(made == new, "the server's delta does not make release-2");
+
+    // The same delta again: a conflict, and nothing is left of it.
+    let blobs = blob_files(&server);
+    let (status, body) = post(format!(
+        "/api/v1/artifacts/{b_id}/delta?from={a_id}&level=3"
+    ))
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(blob_files(&server), blobs);
+    // A delta is no source, the same artifact twice is no delta, unknown ids are 404.
+    let (status, body) = post(format!("/api/v1/artifacts/{b_id}/delta?from={d_id}")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, _) = post(format!("/api/v1/artifacts/{b_id}/delta?from={b_id}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = post(format!("/api/v1/artifacts/{b_id}/delta?from=nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(blob_files(&server), blobs);
 }

@@ -184,25 +184,57 @@ pub async fn upload(
         .artifacts
         .receive(&id, body)
         .await
-        .map_err(|e| match e {
-            UploadError::Invalid(reason) => ApiError::Unprocessable(reason),
-            UploadError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
-            UploadError::Interrupted(_) => ApiError::BadRequest(e.to_string()),
-            UploadError::Internal(detail) => ApiError::Internal(detail),
-        })?;
+        .map_err(upload_error)?;
+    publish(
+        &ctx,
+        &caller,
+        &id,
+        &artifact,
+        &stored,
+        description,
+        "artifact.uploaded",
+        serde_json::json!({}),
+    )
+    .await
+}
+
+fn upload_error(e: UploadError) -> ApiError {
+    match e {
+        UploadError::Invalid(reason) => ApiError::Unprocessable(reason),
+        UploadError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
+        UploadError::Interrupted(_) => ApiError::BadRequest(e.to_string()),
+        UploadError::Internal(detail) => ApiError::Internal(detail),
+    }
+}
+
+/// Records a stored artifact with its audit entry (`action`, with `details` added to the
+/// record's figures); when that fails, the blob is removed again.
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    ctx: &Ctx,
+    caller: &Caller,
+    id: &str,
+    artifact: &atrium_artifact::Artifact,
+    stored: &crate::blobs::Stored,
+    description: String,
+    action: &str,
+    details: serde_json::Value,
+) -> Result<(StatusCode, Json<ArtifactView>), ApiError> {
     let now = crate::now_ms();
     let inserted = async {
-        let record = record_of(&ctx, &id, &artifact, &stored, description, &caller, now)?;
-        let audit = caller
-            .audit("artifact.uploaded", &id)
-            .with_details(serde_json::json!({
-                "name": record.name,
-                "device_types": record.device_types,
-                "size": record.size,
-                "sha256": record.sha256,
-                "signed": record.signed,
-                "verified_key": record.verified_key,
-            }));
+        let record = record_of(ctx, id, artifact, stored, description, caller, now)?;
+        let mut all = serde_json::json!({
+            "name": record.name,
+            "device_types": record.device_types,
+            "size": record.size,
+            "sha256": record.sha256,
+            "signed": record.signed,
+            "verified_key": record.verified_key,
+        });
+        if let (Some(all), serde_json::Value::Object(extra)) = (all.as_object_mut(), details) {
+            all.extend(extra);
+        }
+        let audit = caller.audit(action, id).with_details(all);
         ctx.store.insert_artifact(&record, audit).await?;
         Ok::<_, ApiError>(record)
     }
@@ -210,12 +242,107 @@ pub async fn upload(
     match inserted {
         Ok(record) => Ok((StatusCode::CREATED, Json(view(record)))),
         Err(e) => {
-            if let Err(err) = ctx.artifacts.blobs().delete(&id).await {
+            if let Err(err) = ctx.artifacts.blobs().delete(id).await {
                 tracing::warn!(artifact = %id, error = %err, "removing a refused artifact's blob failed");
             }
             Err(e)
         }
     }
+}
+
+/// Query of a delta.
+#[derive(Debug, Deserialize)]
+pub struct DeltaQuery {
+    /// The full artifact the devices run: the delta's source.
+    pub from: String,
+    /// Zstandard level of the patch (1-22).
+    #[serde(default)]
+    pub level: Option<i32>,
+}
+
+/// Makes a delta artifact (payload type `rootfs-image-delta`) from the full `rootfs-image`
+/// artifact `from` to the full artifact `{id}` and stores it beside them: it carries `{id}`'s
+/// name, device types and provides, and depends on `from`'s image checksum. 422 when either is
+/// not a full rootfs-image artifact, they share no device type, or an image is too large for
+/// a delta (then devices take the full artifact); 409 when the same delta exists, or when the
+/// server requires signed artifacts (it holds no signing key: make the delta with
+/// `atrium artifact delta -k` and upload it).
+#[utoipa::path(post, path = "/api/v1/artifacts/{id}/delta", params(("from" = String, Query, description = "The source artifact's id"), ("level" = Option<i32>, Query, description = "Zstandard level, 1-22")), security(("token" = [])), responses((status = 201, body = ArtifactView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn delta(
+    State(ctx): State<Arc<Ctx>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<DeltaQuery>,
+) -> Result<(StatusCode, Json<ArtifactView>), ApiError> {
+    use atrium_artifact::delta::{CHECKSUM_KEY, DEFAULT_DELTA_LEVEL};
+    caller.require(Role::Operator)?;
+    let level = q.level.unwrap_or(DEFAULT_DELTA_LEVEL);
+    if !(1..=22).contains(&level) {
+        return Err(ApiError::BadRequest(
+            "level must be between 1 and 22".into(),
+        ));
+    }
+    if q.from == id {
+        return Err(ApiError::BadRequest(
+            "a delta needs two different artifacts".into(),
+        ));
+    }
+    if ctx.artifacts.requires_signature() {
+        return Err(ApiError::Conflict(
+            "this server accepts only signed artifacts and holds no signing key: make the delta \
+             with `atrium artifact delta -k KEY` and upload it"
+                .into(),
+        ));
+    }
+    let to = ctx.store.artifact(&id).await?;
+    let from = ctx.store.artifact(&q.from).await?;
+    for a in [&from, &to] {
+        if a.payload_types != ["rootfs-image"] {
+            return Err(ApiError::Unprocessable(format!(
+                "{} ({}) is not a full rootfs-image artifact",
+                a.name, a.id
+            )));
+        }
+    }
+    if !to
+        .device_types
+        .iter()
+        .any(|d| from.device_types.contains(d))
+    {
+        return Err(ApiError::Unprocessable(
+            "the two artifacts share no device type".into(),
+        ));
+    }
+    if from.provides.contains_key(CHECKSUM_KEY)
+        && from.provides.get(CHECKSUM_KEY) == to.provides.get(CHECKSUM_KEY)
+    {
+        return Err(ApiError::Unprocessable(
+            "the two artifacts hold the same image".into(),
+        ));
+    }
+    let new_id = atrium_store::new_id();
+    let (artifact, stored, patch) = ctx
+        .artifacts
+        .make_delta(&new_id, &from.id, &to.id, level)
+        .await
+        .map_err(upload_error)?;
+    publish(
+        &ctx,
+        &caller,
+        &new_id,
+        &artifact,
+        &stored,
+        format!("delta from {} ({})", from.name, from.id),
+        "artifact.delta_created",
+        serde_json::json!({
+            "from": from.id,
+            "to": to.id,
+            "source_sha256": patch.meta.source_sha256,
+            "target_sha256": patch.meta.target_sha256,
+            "patch_size": patch.patch_size,
+        }),
+    )
+    .await
 }
 
 /// Artifacts, newest first, optionally only one name or those for one device type.

@@ -63,7 +63,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
         crate::terminal::open_terminal, crate::terminal::list_sessions,
         crate::terminal::get_recording, crate::terminal::terminate_session,
         artifacts::upload, artifacts::list, artifacts::show, artifacts::remove,
-        artifacts::download, artifacts::link, artifacts::device_download,
+        artifacts::download, artifacts::link, artifacts::delta, artifacts::device_download,
         crate::transfers::download, crate::transfers::upload, crate::transfers::port_forward,
         deployments::create, deployments::list, deployments::show, deployments::devices,
         deployments::device_log, deployments::device_history, deployments::pause,
@@ -229,6 +229,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         )
         .route("/api/v1/artifacts/{id}/download", get(artifacts::download))
         .route("/api/v1/artifacts/{id}/link", post(artifacts::link))
+        .route("/api/v1/artifacts/{id}/delta", post(artifacts::delta))
         .route(
             "/api/v1/artifact-downloads/{id}",
             get(artifacts::device_download),

@@ -9,7 +9,8 @@ use crate::support::{T0, TestDb, op};
 
 backend_suite!(
     artifacts_round_trip_and_filter,
-    one_artifact_per_name_and_device_type
+    one_artifact_per_name_and_device_type,
+    a_delta_may_share_the_full_artifacts_name
 );
 
 fn record(id: &str, name: &str, types: &[&str], t: i64) -> ArtifactRecord {
@@ -160,4 +161,56 @@ async fn one_artifact_per_name_and_device_type(db: &TestDb) {
         .await,
         Err(StoreError::Invalid(_))
     ));
+}
+
+async fn a_delta_may_share_the_full_artifacts_name(db: &TestDb) {
+    let s = &db.store;
+    s.insert_artifact(
+        &record("full", "release-2", &["pi4", "pi5"], T0),
+        op("artifact.uploaded", "full", T0),
+    )
+    .await
+    .unwrap();
+    // The delta from release-1: the same name and device types, but it depends on the
+    // source image's checksum.
+    let mut delta = record("delta-1", "release-2", &["pi5"], T0 + 1);
+    delta.depends.insert(
+        "rootfs-image.checksum".to_owned(),
+        serde_json::json!("11".repeat(32)),
+    );
+    delta.payload_types = vec!["rootfs-image-delta".to_owned()];
+    s.insert_artifact(&delta, op("artifact.delta_created", "delta-1", T0 + 1))
+        .await
+        .unwrap();
+    // A delta from another source image, too.
+    let mut other = delta.clone();
+    other.id = "delta-0".into();
+    other.depends.insert(
+        "rootfs-image.checksum".to_owned(),
+        serde_json::json!("22".repeat(32)),
+    );
+    s.insert_artifact(&other, op("artifact.delta_created", "delta-0", T0 + 2))
+        .await
+        .unwrap();
+    // The same delta twice (another device type list, same depends otherwise): a conflict.
+    let mut again = delta.clone();
+    again.id = "delta-1b".into();
+    again.device_types = vec!["pi5".into(), "x86".into()];
+    again
+        .depends
+        .insert("device_type".into(), serde_json::json!(["pi5", "x86"]));
+    let err = s
+        .insert_artifact(&again, op("artifact.delta_created", "delta-1b", T0 + 3))
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert!(matches!(
+        s.artifact("delta-1b").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let named = ArtifactQuery {
+        name: Some("release-2".into()),
+        device_type: Some("pi5".into()),
+    };
+    assert_eq!(s.list_artifacts(&named).await.unwrap().len(), 3);
 }
