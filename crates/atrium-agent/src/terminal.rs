@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use atrium_proto::limits::Limits;
 use atrium_proto::{Message, StreamClose, StreamData, StreamOpen, StreamWindow};
 use futures_util::FutureExt as _;
 use serde::{Deserialize, Serialize};
@@ -325,12 +326,7 @@ impl Terminals {
                 server_credit: u64::from(INPUT_WINDOW),
             },
         );
-        let limits = Limits {
-            idle: (self.config.idle_timeout_s > 0)
-                .then(|| Duration::from_secs(self.config.idle_timeout_s)),
-            lifetime: (self.config.max_lifetime_s > 0)
-                .then(|| Duration::from_secs(self.config.max_lifetime_s)),
-        };
+        let limits = Limits::from_secs(self.config.idle_timeout_s, self.config.max_lifetime_s);
         tracing::info!(stream, pid = shell.pid, "terminal opened");
         let out = self.out_tx.clone();
         tokio::spawn(run(
@@ -433,12 +429,6 @@ fn spawn(config: &TerminalConfig, params: &TerminalParams) -> Result<Shell, Stri
     Ok(Shell { pty, child, pid })
 }
 
-#[derive(Clone, Copy)]
-struct Limits {
-    idle: Option<Duration>,
-    lifetime: Option<Duration>,
-}
-
 /// Exit code as a shell reports it: the code, or 128 + the signal that killed the process.
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt as _;
@@ -532,8 +522,13 @@ async fn run(
         {
             break Ok(exit_code(status));
         }
-        let idle_at = limits.idle.map_or(started + far, |d| last_activity + d);
-        let end_at = limits.lifetime.map_or(started + far, |d| started + d);
+        // Output still drained after the shell exited is not held to the idle timeout.
+        let active = if exited.is_none() {
+            limits
+        } else {
+            limits.without_idle()
+        };
+        let deadline = active.next(started, last_activity);
         let drain_at = drain_until.unwrap_or(started + far);
         let want = usize::try_from(credit.min(READ_CHUNK as u64)).unwrap_or(READ_CHUNK);
         tokio::select! {
@@ -616,11 +611,8 @@ async fn run(
                     Err(e) => break Err(format!("waiting for the shell: {e}")),
                 }
             }
-            _ = tokio::time::sleep_until(idle_at), if exited.is_none() => {
-                break Err(format!("idle for {} s", limits.idle.map_or(0, |d| d.as_secs())));
-            }
-            _ = tokio::time::sleep_until(end_at) => {
-                break Err(format!("open for the longest allowed {} s", limits.lifetime.map_or(0, |d| d.as_secs())));
+            _ = tokio::time::sleep_until(deadline.map_or(started + far, |d| d.0)), if deadline.is_some() => {
+                break Err(deadline.map_or_else(String::new, |d| d.1.to_string()));
             }
             _ = tokio::time::sleep_until(drain_at), if drain_until.is_some() => {}
         }

@@ -10,7 +10,9 @@
 //!   renames it into place only if size and SHA-256 match; the server answers `Done` or `Error`.
 //! - `GET /api/v1/devices/{id}/port-forward?host=&port=` — binary messages are the bytes of
 //!   one TCP connection the device opens to `host:port` (its allow list decides); the socket
-//!   closes when either end does.
+//!   closes when either end does, or when the server ends the connection for a limit
+//!   (`forward_idle_timeout_s` without a byte either way, `forward_max_lifetime_s` in any
+//!   case; the limits and their reasons are [`atrium_proto::limits`], as for terminals).
 //!
 //! Each is a WebSocket upgrade, granted only once the caller (operator or admin; a cookie
 //! caller from our own origin) may, the device is accepted and connected, the per-device limit
@@ -28,6 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use atrium_proto::limits::Limits;
 use atrium_store::{DeviceStatus, Role};
 use axum::extract::{Path, Query, State};
 use axum::http::header;
@@ -431,6 +434,15 @@ async fn open(
     }
     tracing::info!(device = %device_id, actor = %caller.actor, kind = stream_kind, stream = handle.stream, "stream opened");
     guard.0 = None;
+    // Forwarded connections are held to time limits; a file transfer ends with its file.
+    let limits = match kind {
+        Kind::Tcp { .. } => Limits::from_secs(
+            ctx.config.forward_idle_timeout_s,
+            ctx.config.forward_max_lifetime_s,
+        ),
+        Kind::Get { .. } | Kind::Put { .. } => Limits::default(),
+    };
+    let started = Instant::now();
     let relay = Relay {
         ctx: ctx.clone(),
         _slot: slot,
@@ -443,7 +455,9 @@ async fn open(
         hash: Sha256::new(),
         to_client: 0,
         to_device: 0,
-        started: Instant::now(),
+        limits,
+        started,
+        last_activity: started,
         finished: false,
     };
     let config = WebSocketConfig::default()
@@ -486,7 +500,11 @@ struct Relay {
     hash: Sha256,
     to_client: u64,
     to_device: u64,
+    /// Idle timeout and lifetime (forwarded connections only).
+    limits: Limits,
     started: Instant,
+    /// When a byte last went either way.
+    last_activity: Instant,
     finished: bool,
 }
 
@@ -679,9 +697,12 @@ impl Relay {
             self.handle
                 .send_within_credit(&mut self.credit, &mut pending)
                 .await;
+            let deadline = self.limits.next(self.started, self.last_activity);
+            let limit_at = tokio::time::Instant::from_std(deadline.map_or(self.started, |d| d.0));
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(FromDevice::Data(data)) => {
+                        self.last_activity = Instant::now();
                         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
                         match self.device_data(data) {
                             Ok(messages) => {
@@ -709,6 +730,7 @@ impl Relay {
                 },
                 message = source.next(), if pending.is_none() => match message {
                     Some(Ok(WsMessage::Binary(data))) => {
+                        self.last_activity = Instant::now();
                         if let Err(reason) = self.operator_data(&data) {
                             break End(Err(reason), false);
                         }
@@ -726,6 +748,10 @@ impl Relay {
                         break End(reason, false);
                     }
                 },
+                _ = tokio::time::sleep_until(limit_at), if deadline.is_some() => {
+                    let reason = deadline.map_or_else(String::new, |d| d.1.to_string());
+                    break End(Err(format!("closed by the server: {reason}")), false);
+                }
                 _ = self.ctx.shutdown.cancelled() => {
                     break End(Err("server shutting down".into()), false);
                 }
