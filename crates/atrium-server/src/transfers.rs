@@ -26,12 +26,11 @@
 //! `port_forward.close` (target, bytes each way, duration), refusals included. Nothing of
 //! the content is logged.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atrium_proto::limits::Limits;
-use atrium_store::{DeviceStatus, Role};
+use atrium_store::Role;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::Response;
@@ -47,7 +46,8 @@ use crate::Ctx;
 use crate::api::error::ApiError;
 use crate::api::types::ErrorBody;
 use crate::auth::Caller;
-use crate::streams::{EVENT_QUEUE, FromDevice, StreamHandle, StreamRequest, ToDevice};
+use crate::sessions::Slot;
+use crate::streams::{EVENT_QUEUE, FromDevice, StreamGuard, StreamHandle, StreamRequest, ToDevice};
 use crate::terminal::{check_origin, websocket_upgrade};
 
 /// Bytes a device may send on one stream before the operator has received them.
@@ -80,70 +80,6 @@ pub enum TransferControl {
         /// Why.
         reason: String,
     },
-}
-
-/// Live streams per device and the operators' recent opens.
-#[derive(Default)]
-pub struct TransferHub {
-    live: Mutex<HashMap<String, usize>>,
-    opens: Mutex<HashMap<String, VecDeque<Instant>>>,
-}
-
-/// A reserved stream slot on a device; dropping it frees the slot.
-struct Slot {
-    ctx: Arc<Ctx>,
-    device_id: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut live = self
-            .ctx
-            .transfers
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = live.get_mut(&self.device_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                live.remove(&self.device_id);
-            }
-        }
-    }
-}
-
-impl TransferHub {
-    fn admit(ctx: &Arc<Ctx>, device_id: &str, actor: &str) -> Result<Slot, ApiError> {
-        let hub = &ctx.transfers;
-        let mut opens = hub.opens.lock().unwrap_or_else(|p| p.into_inner());
-        let recent = opens.entry(actor.to_owned()).or_default();
-        let now = Instant::now();
-        while recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
-            recent.pop_front();
-        }
-        if recent.len() >= ctx.config.transfer_opens_per_minute as usize {
-            return Err(ApiError::TooManyRequests(format!(
-                "at most {} file transfers and forwarded connections a minute; try again shortly",
-                ctx.config.transfer_opens_per_minute
-            )));
-        }
-        let mut live = hub.live.lock().unwrap_or_else(|p| p.into_inner());
-        let on_device = live.entry(device_id.to_owned()).or_default();
-        if *on_device >= ctx.config.transfer_max_per_device as usize {
-            return Err(ApiError::Conflict(format!(
-                "device {device_id} has {on_device} transfers and forwarded connections open, the most allowed"
-            )));
-        }
-        *on_device += 1;
-        recent.push_back(now);
-        Ok(Slot {
-            ctx: ctx.clone(),
-            device_id: device_id.to_owned(),
-        })
-    }
 }
 
 /// Which file to download.
@@ -304,17 +240,6 @@ fn refusal(device_id: &str, reason: Option<String>) -> ApiError {
     }
 }
 
-/// Closes the stream if the relay never gets going.
-struct StreamGuard(Option<StreamHandle>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.try_close("the operator left");
-        }
-    }
-}
-
 impl Kind {
     fn action(&self) -> &'static str {
         match self {
@@ -347,23 +272,16 @@ async fn open(
         check_origin(request.headers())?;
     }
     let upgrade = websocket_upgrade(&mut request)?;
-    let device = ctx
-        .store
-        .device(&device_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no device {device_id}")))?;
-    if device.status != DeviceStatus::Accepted {
-        return Err(ApiError::Forbidden(format!(
-            "device {device_id} is {}: it has no sessions",
-            device.status.as_str()
-        )));
-    }
-    if !ctx.links.is_connected(&device_id) {
-        return Err(ApiError::Conflict(format!(
-            "device {device_id} is not connected"
-        )));
-    }
-    let slot = TransferHub::admit(&ctx, &device_id, &caller.actor)?;
+    let slot = ctx
+        .transfers
+        .admit(
+            &ctx,
+            &device_id,
+            &caller.actor,
+            ctx.config.transfer_max_per_device,
+            ctx.config.transfer_opens_per_minute,
+        )
+        .await?;
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
     let (reply_tx, reply_rx) = oneshot::channel();
     ctx.links
