@@ -226,8 +226,18 @@ impl Terminals {
         loop {
             // out_tx lives in self, so the channel never closes while we wait.
             if let Some(message) = self.out_rx.recv().await {
-                if let Message::StreamClose(close) = &message {
-                    self.sessions.remove(&close.stream);
+                match &message {
+                    Message::StreamClose(close) => {
+                        self.sessions.remove(&close.stream);
+                    }
+                    // What a terminal grants, the server may send: counted before it leaves.
+                    Message::StreamWindow(grant) => {
+                        if let Some(entry) = self.sessions.get_mut(&grant.stream) {
+                            entry.server_credit =
+                                entry.server_credit.saturating_add(u64::from(grant.credit));
+                        }
+                    }
+                    _ => {}
                 }
                 return message;
             }
@@ -694,6 +704,62 @@ mod tests {
         use std::os::unix::process::ExitStatusExt as _;
         assert_eq!(exit_code(std::process::ExitStatus::from_raw(3 << 8)), 3);
         assert_eq!(exit_code(std::process::ExitStatus::from_raw(9)), 137);
+    }
+
+    /// Input well beyond the first window (a long paste) is taken as the grants come back,
+    /// never refused as an overrun.
+    #[tokio::test]
+    async fn input_beyond_the_first_window_flows_with_the_grants() {
+        let mut terminals = Terminals::new(TerminalConfig {
+            shell: vec!["/bin/cat".into()],
+            ..TerminalConfig::default()
+        });
+        let opened = terminals.handle(Message::StreamOpen(StreamOpen {
+            stream: 1,
+            kind: KIND.into(),
+            params_json: r#"{"cols":80,"rows":24}"#.into(),
+            initial_window: 1 << 20,
+        }));
+        let Some(Message::StreamWindow(StreamWindow { credit, .. })) = opened else {
+            panic!("not accepted: {opened:?}");
+        };
+        let mut credit = u64::from(credit);
+        let line = [vec![b'a'; 511], vec![b'\n']].concat();
+        let total = 4 * u64::from(INPUT_WINDOW);
+        // Each line comes back twice: the PTY's echo and cat's output.
+        let (mut sent, mut back) = (0u64, 0u64);
+        while sent < total || back < 2 * (sent / 512 * 511) {
+            if sent < total && credit >= line.len() as u64 {
+                credit -= line.len() as u64;
+                sent += line.len() as u64;
+                let reply = terminals.handle(Message::StreamData(StreamData {
+                    stream: 1,
+                    data: line.clone(),
+                }));
+                assert!(reply.is_none(), "after {sent} bytes: {reply:?}");
+                continue;
+            }
+            let message = tokio::time::timeout(Duration::from_secs(20), terminals.outgoing())
+                .await
+                .unwrap_or_else(|_| panic!("stalled at {sent} bytes sent, {back} back"));
+            match message {
+                Message::StreamWindow(grant) => credit += u64::from(grant.credit),
+                Message::StreamData(data) => {
+                    back += data.data.iter().filter(|b| **b == b'a').count() as u64;
+                    let more = u32::try_from(data.data.len()).unwrap_or(u32::MAX);
+                    assert!(
+                        terminals
+                            .handle(Message::StreamWindow(StreamWindow {
+                                stream: 1,
+                                credit: more
+                            }))
+                            .is_none()
+                    );
+                }
+                other => panic!("after {sent} bytes: {other:?}"),
+            }
+        }
+        assert!(sent > u64::from(INPUT_WINDOW));
     }
 
     proptest! {
