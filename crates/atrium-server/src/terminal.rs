@@ -23,6 +23,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atrium_proto::flow::Grants;
 use atrium_store::Role;
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -249,6 +250,7 @@ async fn start_session(
         handle,
         events,
         credit: u64::from(credit),
+        grants: Grants::new(OUTPUT_WINDOW),
         recorder,
         view,
         started: Instant::now(),
@@ -350,6 +352,8 @@ struct Session {
     events: mpsc::Receiver<FromDevice>,
     /// Input bytes the device accepts now.
     credit: u64,
+    /// Output delivered to the operator, granted back to the device in batches.
+    grants: Grants,
     recorder: Recorder,
     view: TerminalSessionView,
     started: Instant,
@@ -424,12 +428,15 @@ impl Session {
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(FromDevice::Data(data)) => {
-                        self.recorder.output(&data).await;
-                        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                        if sink.send(WsMessage::Binary(data.into())).await.is_err() {
+                        // The operator first: writing the recording must not delay an echo.
+                        let data = bytes::Bytes::from(data);
+                        if sink.send(WsMessage::Binary(data.clone())).await.is_err() {
                             end = Some(End { exit_code: None, reason: Some("the operator left".into()), device_closed: false, operator_there: false });
                         } else {
-                            let _ = self.handle.send(ToDevice::Credit(len)).await;
+                            self.recorder.output(&data).await;
+                            if let Some(credit) = self.grants.consumed(data.len()) {
+                                let _ = self.handle.send(ToDevice::Credit(credit)).await;
+                            }
                         }
                     }
                     Some(FromDevice::Credit(more)) => self.credit = self.credit.saturating_add(u64::from(more)),

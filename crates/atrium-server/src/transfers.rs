@@ -29,6 +29,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atrium_proto::flow::Grants;
 use atrium_proto::limits::Limits;
 use atrium_store::Role;
 use axum::extract::{Path, Query, State};
@@ -369,6 +370,7 @@ async fn open(
         handle,
         events,
         credit: u64::from(credit),
+        grants: Grants::new(WINDOW),
         kind,
         hash: Sha256::new(),
         to_client: 0,
@@ -413,6 +415,8 @@ struct Relay {
     events: mpsc::Receiver<FromDevice>,
     /// Bytes the device accepts now.
     credit: u64,
+    /// Bytes delivered to the operator, granted back to the device in batches.
+    grants: Grants,
     kind: Kind,
     /// SHA-256 of the file content relayed.
     hash: Sha256,
@@ -621,7 +625,7 @@ impl Relay {
                 event = self.events.recv() => match event {
                     Some(FromDevice::Data(data)) => {
                         self.last_activity = Instant::now();
-                        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                        let len = data.len();
                         match self.device_data(data) {
                             Ok(messages) => {
                                 let mut sent = true;
@@ -635,7 +639,9 @@ impl Relay {
                                     operator_there = false;
                                     break End(Err("the operator left".into()), false);
                                 }
-                                let _ = self.handle.send(ToDevice::Credit(len)).await;
+                                if let Some(credit) = self.grants.consumed(len) {
+                                    let _ = self.handle.send(ToDevice::Credit(credit)).await;
+                                }
                             }
                             Err(reason) => break End(Err(reason), false),
                         }
