@@ -645,42 +645,24 @@ async fn forwarded_connections_end_at_the_idle_and_lifetime_limits(backend: Back
         }
     });
 
-    let (result, at) = tokio::time::timeout(Duration::from_secs(20), quiet_relay)
-        .await
-        .expect("the quiet connection ends")
-        .expect("task");
-    let err = result.expect_err("the server closes the quiet connection");
-    assert!(
-        format!("{err:#}").contains(&format!("closed by the server: idle for {IDLE_S} s")),
-        "{err:#}"
-    );
-    let quiet_for = at - quiet_last;
-    assert!(
-        quiet_for >= Duration::from_millis(IDLE_S * 1000 - 100)
-            && quiet_for < Duration::from_secs(IDLE_S + 3),
-        "closed after {quiet_for:?} of quiet"
-    );
+    ended_by_server(
+        quiet_relay,
+        &format!("idle for {IDLE_S} s"),
+        quiet_last,
+        IDLE_S,
+    )
+    .await;
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut rest)).await;
     assert!(rest.is_empty(), "nothing after the close");
 
-    let (result, at) = tokio::time::timeout(Duration::from_secs(20), busy_relay)
-        .await
-        .expect("the busy connection ends")
-        .expect("task");
-    let err = result.expect_err("the server closes the busy connection");
-    assert!(
-        format!("{err:#}").contains(&format!(
-            "closed by the server: open for the longest allowed {LIFETIME_S} s"
-        )),
-        "{err:#}"
-    );
-    let open_for = at - busy_opened;
-    assert!(
-        open_for >= Duration::from_millis(LIFETIME_S * 1000 - 100)
-            && open_for < Duration::from_secs(LIFETIME_S + 3),
-        "closed after {open_for:?}"
-    );
+    ended_by_server(
+        busy_relay,
+        &format!("open for the longest allowed {LIFETIME_S} s"),
+        busy_opened,
+        LIFETIME_S,
+    )
+    .await;
     let _ = tokio::time::timeout(Duration::from_secs(5), pinger).await;
 
     // The device hung up both connections to the target.
@@ -719,6 +701,31 @@ async fn forwarded_connections_end_at_the_idle_and_lifetime_limits(backend: Back
         assert!(tokio::time::Instant::now() < deadline, "closes {closes:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits for a forwarded connection to end with the server's `reason`, `after_s` seconds
+/// after `since` (give or take the tolerance of a loaded machine).
+async fn ended_by_server(
+    relay: tokio::task::JoinHandle<(anyhow::Result<()>, tokio::time::Instant)>,
+    reason: &str,
+    since: tokio::time::Instant,
+    after_s: u64,
+) {
+    let (result, at) = tokio::time::timeout(Duration::from_secs(20), relay)
+        .await
+        .expect("the connection ends")
+        .expect("task");
+    let err = result.expect_err("the server closes the connection");
+    assert!(
+        format!("{err:#}").contains(&format!("closed by the server: {reason}")),
+        "{err:#}"
+    );
+    let took = at - since;
+    assert!(
+        took >= Duration::from_millis(after_s * 1000 - 100)
+            && took < Duration::from_secs(after_s + 3),
+        "closed after {took:?}, expected {after_s} s: {reason}"
+    );
 }
 
 /// Sends one byte through a forwarded connection; whether its echo came back (false once the
