@@ -3,7 +3,8 @@
 //! grant per message. A terminal's echo then needs no grant frame of its own, and a bulk
 //! stream costs one grant per quarter window; the sender never stalls for it, since it
 //! always holds at least three quarters of the window minus what is in flight. The server
-//! grants this way for what it delivers to operators.
+//! grants this way for what it delivers to operators, the agent for terminal input written
+//! to the PTY.
 
 /// Bytes consumed but not yet granted back, for one stream.
 #[derive(Debug, Clone, Copy)]
