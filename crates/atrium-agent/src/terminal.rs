@@ -8,8 +8,8 @@
 //! a reason.
 //!
 //! Flow control both ways: output is read from the PTY only while the server's window has
-//! credit, and input credit is granted back only once the bytes are written to the PTY, so
-//! neither side buffers more than a window. [`atrium_proto::StreamResize`] changes the
+//! credit, and input credit is granted back only once the bytes are written to the PTY (in
+//! batches, [`atrium_proto::flow::Grants`]), so neither side buffers more than a window. [`atrium_proto::StreamResize`] changes the
 //! terminal size. When the shell exits, the remaining output is sent, then a close with its
 //! exit code (128 + signal for a killed shell, as shells report it). A close from the
 //! server, the link going down, the idle timeout or the lifetime limit hang up and kill the
@@ -19,6 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use atrium_proto::flow::Grants;
+use atrium_proto::limits::Limits;
 use atrium_proto::{Message, StreamClose, StreamData, StreamOpen, StreamWindow};
 use futures_util::FutureExt as _;
 use serde::{Deserialize, Serialize};
@@ -225,8 +227,18 @@ impl Terminals {
         loop {
             // out_tx lives in self, so the channel never closes while we wait.
             if let Some(message) = self.out_rx.recv().await {
-                if let Message::StreamClose(close) = &message {
-                    self.sessions.remove(&close.stream);
+                match &message {
+                    Message::StreamClose(close) => {
+                        self.sessions.remove(&close.stream);
+                    }
+                    // What a terminal grants, the server may send: counted before it leaves.
+                    Message::StreamWindow(grant) => {
+                        if let Some(entry) = self.sessions.get_mut(&grant.stream) {
+                            entry.server_credit =
+                                entry.server_credit.saturating_add(u64::from(grant.credit));
+                        }
+                    }
+                    _ => {}
                 }
                 return message;
             }
@@ -325,12 +337,7 @@ impl Terminals {
                 server_credit: u64::from(INPUT_WINDOW),
             },
         );
-        let limits = Limits {
-            idle: (self.config.idle_timeout_s > 0)
-                .then(|| Duration::from_secs(self.config.idle_timeout_s)),
-            lifetime: (self.config.max_lifetime_s > 0)
-                .then(|| Duration::from_secs(self.config.max_lifetime_s)),
-        };
+        let limits = Limits::from_secs(self.config.idle_timeout_s, self.config.max_lifetime_s);
         tracing::info!(stream, pid = shell.pid, "terminal opened");
         let out = self.out_tx.clone();
         tokio::spawn(run(
@@ -433,12 +440,6 @@ fn spawn(config: &TerminalConfig, params: &TerminalParams) -> Result<Shell, Stri
     Ok(Shell { pty, child, pid })
 }
 
-#[derive(Clone, Copy)]
-struct Limits {
-    idle: Option<Duration>,
-    lifetime: Option<Duration>,
-}
-
 /// Exit code as a shell reports it: the code, or 128 + the signal that killed the process.
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt as _;
@@ -519,6 +520,7 @@ async fn run(
     let started = tokio::time::Instant::now();
     let mut last_activity = started;
     let mut credit = u64::from(initial_window);
+    let mut grants = Grants::new(INPUT_WINDOW);
     let mut pending: Option<(Vec<u8>, usize)> = None;
     let mut buf = vec![0u8; READ_CHUNK];
     let mut exited: Option<std::process::ExitStatus> = None;
@@ -532,8 +534,13 @@ async fn run(
         {
             break Ok(exit_code(status));
         }
-        let idle_at = limits.idle.map_or(started + far, |d| last_activity + d);
-        let end_at = limits.lifetime.map_or(started + far, |d| started + d);
+        // Output still drained after the shell exited is not held to the idle timeout.
+        let active = if exited.is_none() {
+            limits
+        } else {
+            limits.without_idle()
+        };
+        let deadline = active.next(started, last_activity);
         let drain_at = drain_until.unwrap_or(started + far);
         let want = usize::try_from(credit.min(READ_CHUNK as u64)).unwrap_or(READ_CHUNK);
         tokio::select! {
@@ -577,11 +584,13 @@ async fn run(
                         if let Some((bytes, offset)) = pending.as_mut() {
                             *offset += n;
                             if *offset >= bytes.len() {
-                                let granted = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                                let written = bytes.len();
                                 pending = None;
-                                let grant = Message::StreamWindow(StreamWindow { stream, credit: granted });
-                                if out.send(grant).await.is_err() {
-                                    break Err("link closed".into());
+                                if let Some(credit) = grants.consumed(written) {
+                                    let grant = Message::StreamWindow(StreamWindow { stream, credit });
+                                    if out.send(grant).await.is_err() {
+                                        break Err("link closed".into());
+                                    }
                                 }
                             }
                         }
@@ -616,11 +625,8 @@ async fn run(
                     Err(e) => break Err(format!("waiting for the shell: {e}")),
                 }
             }
-            _ = tokio::time::sleep_until(idle_at), if exited.is_none() => {
-                break Err(format!("idle for {} s", limits.idle.map_or(0, |d| d.as_secs())));
-            }
-            _ = tokio::time::sleep_until(end_at) => {
-                break Err(format!("open for the longest allowed {} s", limits.lifetime.map_or(0, |d| d.as_secs())));
+            _ = tokio::time::sleep_until(deadline.map_or(started + far, |d| d.0)), if deadline.is_some() => {
+                break Err(deadline.map_or_else(String::new, |d| d.1.to_string()));
             }
             _ = tokio::time::sleep_until(drain_at), if drain_until.is_some() => {}
         }
@@ -702,6 +708,63 @@ mod tests {
         use std::os::unix::process::ExitStatusExt as _;
         assert_eq!(exit_code(std::process::ExitStatus::from_raw(3 << 8)), 3);
         assert_eq!(exit_code(std::process::ExitStatus::from_raw(9)), 137);
+    }
+
+    /// Input well beyond the first window (a long paste) is taken as the grants come back,
+    /// never refused as an overrun.
+    #[tokio::test]
+    async fn input_beyond_the_first_window_flows_with_the_grants() {
+        let mut terminals = Terminals::new(TerminalConfig {
+            // No echo: the kernel drops echoes a fast paste outruns, which is not ours to test.
+            shell: vec!["/bin/sh".into(), "-c".into(), "stty -echo; exec cat".into()],
+            ..TerminalConfig::default()
+        });
+        let opened = terminals.handle(Message::StreamOpen(StreamOpen {
+            stream: 1,
+            kind: KIND.into(),
+            params_json: r#"{"cols":80,"rows":24}"#.into(),
+            initial_window: 1 << 20,
+        }));
+        let Some(Message::StreamWindow(StreamWindow { credit, .. })) = opened else {
+            panic!("not accepted: {opened:?}");
+        };
+        let mut credit = u64::from(credit);
+        let line = [vec![b'a'; 511], vec![b'\n']].concat();
+        let total = 4 * u64::from(INPUT_WINDOW);
+        // Each line comes back from cat (and, before stty ran, maybe echoed too).
+        let (mut sent, mut back) = (0u64, 0u64);
+        while sent < total || back < sent / 512 * 511 {
+            if sent < total && credit >= line.len() as u64 {
+                credit -= line.len() as u64;
+                sent += line.len() as u64;
+                let reply = terminals.handle(Message::StreamData(StreamData {
+                    stream: 1,
+                    data: line.clone(),
+                }));
+                assert!(reply.is_none(), "after {sent} bytes: {reply:?}");
+                continue;
+            }
+            let message = tokio::time::timeout(Duration::from_secs(20), terminals.outgoing())
+                .await
+                .unwrap_or_else(|_| panic!("stalled at {sent} bytes sent, {back} back"));
+            match message {
+                Message::StreamWindow(grant) => credit += u64::from(grant.credit),
+                Message::StreamData(data) => {
+                    back += data.data.iter().filter(|b| **b == b'a').count() as u64;
+                    let more = u32::try_from(data.data.len()).unwrap_or(u32::MAX);
+                    assert!(
+                        terminals
+                            .handle(Message::StreamWindow(StreamWindow {
+                                stream: 1,
+                                credit: more
+                            }))
+                            .is_none()
+                    );
+                }
+                other => panic!("after {sent} bytes: {other:?}"),
+            }
+        }
+        assert!(sent > u64::from(INPUT_WINDOW));
     }
 
     proptest! {

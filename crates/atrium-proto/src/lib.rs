@@ -22,6 +22,8 @@
 
 pub mod enrollment;
 pub mod filter;
+pub mod flow;
+pub mod limits;
 pub mod senml;
 pub mod twin;
 

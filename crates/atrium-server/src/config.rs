@@ -76,6 +76,10 @@ pub struct ServerConfig {
     pub transfer_max_per_device: u32,
     /// Most file transfers and forwarded connections one operator may open per minute.
     pub transfer_opens_per_minute: u32,
+    /// A forwarded connection with no bytes either way for this many seconds is closed (0: never).
+    pub forward_idle_timeout_s: u64,
+    /// A forwarded connection is closed after this many seconds in any case (0: never).
+    pub forward_max_lifetime_s: u64,
 }
 
 /// One external integration.
@@ -237,6 +241,8 @@ impl Default for ServerConfig {
             deployment_link_ttl_s: 24 * 3600,
             transfer_max_per_device: 64,
             transfer_opens_per_minute: 600,
+            forward_idle_timeout_s: 3600,
+            forward_max_lifetime_s: 86400,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod integrations;
 mod link;
 mod registry;
 pub mod rooms;
+mod sessions;
 mod streams;
 pub mod terminal;
 pub mod transfers;
@@ -73,9 +74,9 @@ pub struct Ctx {
     reported: twins::ReportedWriter,
     logins: accounts::LoginGuard,
     /// Live terminal sessions and operators' recent opens.
-    terminals: terminal::TerminalHub,
+    terminals: Arc<sessions::SessionTable>,
     /// Live file transfers and forwarded connections, and operators' recent opens.
-    transfers: transfers::TransferHub,
+    transfers: Arc<sessions::SessionTable>,
     /// Cancelled when the node shuts down (ends live streams).
     shutdown: CancellationToken,
 }
@@ -189,8 +190,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ingest,
         reported,
         logins: accounts::LoginGuard::default(),
-        terminals: terminal::TerminalHub::default(),
-        transfers: transfers::TransferHub::default(),
+        terminals: sessions::SessionTable::new("terminal sessions"),
+        transfers: sessions::SessionTable::new("file transfers and forwarded connections"),
         shutdown: shutdown.clone(),
     });
 

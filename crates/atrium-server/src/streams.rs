@@ -1,4 +1,4 @@
-//! Byte streams multiplexed over a device link (terminals today).
+//! Byte streams multiplexed over a device link (terminals, file transfers, forwarded connections).
 //!
 //! An operator-side task asks a link for a stream with [`crate::registry::Control::OpenStream`].
 //! The link task allocates the stream id, sends [`StreamOpen`] to the agent, and from then on
@@ -114,6 +114,18 @@ impl StreamHandle {
         let _ = self
             .inbox
             .try_send((self.stream, ToDevice::Close(reason.to_owned())));
+    }
+}
+
+/// Closes the stream when dropped while it still holds the handle: an open that never gets
+/// as far as its relay (refused, timed out, upgrade failed) ends on the device too.
+pub struct StreamGuard(pub Option<StreamHandle>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.try_close("the operator left");
+        }
     }
 }
 

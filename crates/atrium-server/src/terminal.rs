@@ -19,12 +19,12 @@
 //! (`<id>.cast`, with `<id>.json` holding the session's summary); the operator's input is
 //! recorded only when `terminal_record_input` is set. Nothing of the content is logged.
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atrium_store::{DeviceStatus, Role};
+use atrium_proto::flow::Grants;
+use atrium_store::Role;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
@@ -37,12 +37,12 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
-use tokio_util::sync::CancellationToken;
 
 use crate::api::error::ApiError;
 use crate::api::types::{ErrorBody, TerminalControl, TerminalSessionView};
 use crate::auth::Caller;
-use crate::streams::{EVENT_QUEUE, FromDevice, StreamHandle, StreamRequest, ToDevice};
+use crate::sessions::Slot;
+use crate::streams::{EVENT_QUEUE, FromDevice, StreamGuard, StreamHandle, StreamRequest, ToDevice};
 use crate::{Ctx, now_ms};
 
 /// Output bytes a device may send before the operator has received them.
@@ -51,120 +51,6 @@ pub const OUTPUT_WINDOW: u32 = 256 * 1024;
 const MAX_INPUT_MESSAGE: usize = 64 * 1024;
 /// Directory of recordings inside the data directory.
 const DIR: &str = "terminal";
-
-struct Live {
-    device_id: String,
-    cancel: CancellationToken,
-    terminated_by: Option<String>,
-}
-
-/// The live terminal sessions of this node and the operators' recent opens.
-#[derive(Default)]
-pub struct TerminalHub {
-    live: Mutex<HashMap<String, Live>>,
-    opens: Mutex<HashMap<String, VecDeque<Instant>>>,
-}
-
-/// A reserved session slot; dropping it frees the slot.
-struct Slot {
-    ctx: Arc<Ctx>,
-    id: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.ctx.terminals.lock_live().remove(&self.id);
-    }
-}
-
-impl TerminalHub {
-    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
-        // Single inserts and removes cannot leave the map half-updated.
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Reserves a session slot, or says which limit refuses it.
-    fn admit(
-        ctx: &Arc<Ctx>,
-        device_id: &str,
-        actor: &str,
-    ) -> Result<(Slot, CancellationToken), ApiError> {
-        let (id, cancel) = ctx.terminals.reserve(
-            device_id,
-            actor,
-            ctx.config.terminal_max_per_device,
-            ctx.config.terminal_opens_per_minute,
-        )?;
-        Ok((
-            Slot {
-                ctx: ctx.clone(),
-                id,
-            },
-            cancel,
-        ))
-    }
-
-    /// Checks the caller's rate and the device's session limit and records the new session,
-    /// in one step under both locks (opens, then live; nothing takes them the other way):
-    /// opens at the same moment cannot both pass a check that only one of them fits.
-    fn reserve(
-        &self,
-        device_id: &str,
-        actor: &str,
-        max_per_device: u32,
-        opens_per_minute: u32,
-    ) -> Result<(String, CancellationToken), ApiError> {
-        let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
-        let recent = opens.entry(actor.to_owned()).or_default();
-        let now = Instant::now();
-        while recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
-            recent.pop_front();
-        }
-        if recent.len() >= opens_per_minute as usize {
-            return Err(ApiError::TooManyRequests(format!(
-                "at most {opens_per_minute} terminal sessions a minute; try again shortly"
-            )));
-        }
-        let mut live = self.lock_live();
-        let on_device = live.values().filter(|l| l.device_id == device_id).count();
-        if on_device >= max_per_device as usize {
-            return Err(ApiError::Conflict(format!(
-                "device {device_id} has {on_device} terminal sessions open, the most allowed"
-            )));
-        }
-        // Only sessions given a slot count against the operator's rate.
-        recent.push_back(now);
-        let id = uuid::Uuid::now_v7().to_string();
-        let cancel = CancellationToken::new();
-        live.insert(
-            id.clone(),
-            Live {
-                device_id: device_id.to_owned(),
-                cancel: cancel.clone(),
-                terminated_by: None,
-            },
-        );
-        Ok((id, cancel))
-    }
-
-    /// Ends a live session; returns its device, or `None` when no such session is live.
-    fn terminate(&self, id: &str, actor: &str) -> Option<String> {
-        let mut live = self.lock_live();
-        let session = live.get_mut(id)?;
-        session.terminated_by = Some(actor.to_owned());
-        session.cancel.cancel();
-        Some(session.device_id.clone())
-    }
-
-    fn terminated_by(&self, id: &str) -> Option<String> {
-        self.lock_live()
-            .get(id)
-            .and_then(|l| l.terminated_by.clone())
-    }
-}
 
 /// Size and terminal type of a new session.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -201,17 +87,6 @@ fn valid_term(term: &str) -> bool {
         && term
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+'))
-}
-
-/// Closes the stream if the session never gets going (upgrade failed, task dropped).
-struct StreamGuard(Option<StreamHandle>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.try_close("the operator left");
-        }
-    }
 }
 
 /// Opens a shell on the device (WebSocket upgrade).
@@ -279,23 +154,16 @@ async fn start_session(
             "term must be 1 to 64 letters, digits or -_.+".into(),
         ));
     }
-    let device = ctx
-        .store
-        .device(&device_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no device {device_id}")))?;
-    if device.status != DeviceStatus::Accepted {
-        return Err(ApiError::Forbidden(format!(
-            "device {device_id} is {}: it has no terminal sessions",
-            device.status.as_str()
-        )));
-    }
-    if !ctx.links.is_connected(&device_id) {
-        return Err(ApiError::Conflict(format!(
-            "device {device_id} is not connected"
-        )));
-    }
-    let (slot, cancel) = TerminalHub::admit(ctx, &device_id, &caller.actor)?;
+    let slot = ctx
+        .terminals
+        .admit(
+            ctx,
+            &device_id,
+            &caller.actor,
+            ctx.config.terminal_max_per_device,
+            ctx.config.terminal_opens_per_minute,
+        )
+        .await?;
 
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
     let (reply_tx, reply_rx) = oneshot::channel();
@@ -378,11 +246,11 @@ async fn start_session(
     guard.0 = None;
     Ok(Session {
         ctx: ctx.clone(),
-        _slot: slot,
-        cancel,
+        slot,
         handle,
         events,
         credit: u64::from(credit),
+        grants: Grants::new(OUTPUT_WINDOW),
         recorder,
         view,
         started: Instant::now(),
@@ -479,12 +347,13 @@ pub(crate) fn websocket_upgrade(request: &mut axum::extract::Request) -> Result<
 struct Session {
     ctx: Arc<Ctx>,
     /// Held for the session's life: dropping it frees the device's session slot.
-    _slot: Slot,
-    cancel: CancellationToken,
+    slot: Slot,
     handle: StreamHandle,
     events: mpsc::Receiver<FromDevice>,
     /// Input bytes the device accepts now.
     credit: u64,
+    /// Output delivered to the operator, granted back to the device in batches.
+    grants: Grants,
     recorder: Recorder,
     view: TerminalSessionView,
     started: Instant,
@@ -559,12 +428,15 @@ impl Session {
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(FromDevice::Data(data)) => {
-                        self.recorder.output(&data).await;
-                        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                        if sink.send(WsMessage::Binary(data.into())).await.is_err() {
+                        // The operator first: writing the recording must not delay an echo.
+                        let data = bytes::Bytes::from(data);
+                        if sink.send(WsMessage::Binary(data.clone())).await.is_err() {
                             end = Some(End { exit_code: None, reason: Some("the operator left".into()), device_closed: false, operator_there: false });
                         } else {
-                            let _ = self.handle.send(ToDevice::Credit(len)).await;
+                            self.recorder.output(&data).await;
+                            if let Some(credit) = self.grants.consumed(data.len()) {
+                                let _ = self.handle.send(ToDevice::Credit(credit)).await;
+                            }
                         }
                     }
                     Some(FromDevice::Credit(more)) => self.credit = self.credit.saturating_add(u64::from(more)),
@@ -593,8 +465,8 @@ impl Session {
                         end = Some(End { exit_code: None, reason: Some("the operator left".into()), device_closed: false, operator_there: false });
                     }
                 },
-                _ = self.cancel.cancelled() => {
-                    let by = self.ctx.terminals.terminated_by(&self.view.id).unwrap_or_else(|| "an admin".into());
+                _ = self.slot.cancel.cancelled() => {
+                    let by = self.slot.terminated_by().unwrap_or_else(|| "an admin".into());
                     end = Some(End { exit_code: None, reason: Some(format!("terminated by {by}")), device_closed: false, operator_there: true });
                 }
                 _ = self.ctx.shutdown.cancelled() => {
@@ -958,70 +830,6 @@ pub async fn terminate_session(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    /// Many opens at once by one operator: exactly the rate's worth get a slot, and the
-    /// device limit holds across operators.
-    #[test]
-    fn concurrent_opens_never_exceed_the_limits() {
-        for _ in 0..20 {
-            let hub = Arc::new(TerminalHub::default());
-            let start = Arc::new(std::sync::Barrier::new(16));
-            let threads: Vec<_> = (0..16)
-                .map(|i| {
-                    let (hub, start) = (hub.clone(), start.clone());
-                    std::thread::spawn(move || {
-                        start.wait();
-                        // Half the threads are one operator (rate 3), the others each their
-                        // own; all on one device (limit 5).
-                        let actor = if i % 2 == 0 {
-                            "user:alice".to_owned()
-                        } else {
-                            format!("user:op{i}")
-                        };
-                        hub.reserve("dev-1", &actor, 5, 3).map(|_| actor)
-                    })
-                })
-                .collect();
-            let results: Vec<_> = threads
-                .into_iter()
-                .map(|t| t.join().expect("a thread panicked"))
-                .collect();
-            let admitted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
-            assert_eq!(admitted.len(), 5, "the device limit: {results:?}");
-            let alice = admitted
-                .iter()
-                .filter(|a| a.as_str() == "user:alice")
-                .count();
-            assert!(alice <= 3, "alice's rate: {results:?}");
-            assert_eq!(hub.lock_live().len(), 5);
-            let recorded: usize = hub
-                .opens
-                .lock()
-                .expect("lock")
-                .values()
-                .map(VecDeque::len)
-                .sum();
-            assert_eq!(recorded, 5, "only admitted opens count against the rate");
-        }
-    }
-
-    #[test]
-    fn the_rate_refuses_with_429_and_the_device_limit_with_409() {
-        let hub = TerminalHub::default();
-        for _ in 0..2 {
-            hub.reserve("dev-1", "user:bob", 10, 2)
-                .expect("within the limits");
-        }
-        assert!(matches!(
-            hub.reserve("dev-2", "user:bob", 10, 2),
-            Err(ApiError::TooManyRequests(_))
-        ));
-        assert!(matches!(
-            hub.reserve("dev-1", "user:carol", 2, 10),
-            Err(ApiError::Conflict(_))
-        ));
-        assert!(hub.reserve("dev-2", "user:carol", 2, 10).is_ok());
-    }
 
     #[test]
     #[allow(clippy::unwrap_used)]

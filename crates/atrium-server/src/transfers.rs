@@ -10,7 +10,9 @@
 //!   renames it into place only if size and SHA-256 match; the server answers `Done` or `Error`.
 //! - `GET /api/v1/devices/{id}/port-forward?host=&port=` — binary messages are the bytes of
 //!   one TCP connection the device opens to `host:port` (its allow list decides); the socket
-//!   closes when either end does.
+//!   closes when either end does, or when the server ends the connection for a limit
+//!   (`forward_idle_timeout_s` without a byte either way, `forward_max_lifetime_s` in any
+//!   case; the limits and their reasons are [`atrium_proto::limits`], as for terminals).
 //!
 //! Each is a WebSocket upgrade, granted only once the caller (operator or admin; a cookie
 //! caller from our own origin) may, the device is accepted and connected, the per-device limit
@@ -24,11 +26,12 @@
 //! `port_forward.close` (target, bytes each way, duration), refusals included. Nothing of
 //! the content is logged.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atrium_store::{DeviceStatus, Role};
+use atrium_proto::flow::Grants;
+use atrium_proto::limits::Limits;
+use atrium_store::Role;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::Response;
@@ -44,7 +47,8 @@ use crate::Ctx;
 use crate::api::error::ApiError;
 use crate::api::types::ErrorBody;
 use crate::auth::Caller;
-use crate::streams::{EVENT_QUEUE, FromDevice, StreamHandle, StreamRequest, ToDevice};
+use crate::sessions::Slot;
+use crate::streams::{EVENT_QUEUE, FromDevice, StreamGuard, StreamHandle, StreamRequest, ToDevice};
 use crate::terminal::{check_origin, websocket_upgrade};
 
 /// Bytes a device may send on one stream before the operator has received them.
@@ -77,70 +81,6 @@ pub enum TransferControl {
         /// Why.
         reason: String,
     },
-}
-
-/// Live streams per device and the operators' recent opens.
-#[derive(Default)]
-pub struct TransferHub {
-    live: Mutex<HashMap<String, usize>>,
-    opens: Mutex<HashMap<String, VecDeque<Instant>>>,
-}
-
-/// A reserved stream slot on a device; dropping it frees the slot.
-struct Slot {
-    ctx: Arc<Ctx>,
-    device_id: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut live = self
-            .ctx
-            .transfers
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = live.get_mut(&self.device_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                live.remove(&self.device_id);
-            }
-        }
-    }
-}
-
-impl TransferHub {
-    fn admit(ctx: &Arc<Ctx>, device_id: &str, actor: &str) -> Result<Slot, ApiError> {
-        let hub = &ctx.transfers;
-        let mut opens = hub.opens.lock().unwrap_or_else(|p| p.into_inner());
-        let recent = opens.entry(actor.to_owned()).or_default();
-        let now = Instant::now();
-        while recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
-            recent.pop_front();
-        }
-        if recent.len() >= ctx.config.transfer_opens_per_minute as usize {
-            return Err(ApiError::TooManyRequests(format!(
-                "at most {} file transfers and forwarded connections a minute; try again shortly",
-                ctx.config.transfer_opens_per_minute
-            )));
-        }
-        let mut live = hub.live.lock().unwrap_or_else(|p| p.into_inner());
-        let on_device = live.entry(device_id.to_owned()).or_default();
-        if *on_device >= ctx.config.transfer_max_per_device as usize {
-            return Err(ApiError::Conflict(format!(
-                "device {device_id} has {on_device} transfers and forwarded connections open, the most allowed"
-            )));
-        }
-        *on_device += 1;
-        recent.push_back(now);
-        Ok(Slot {
-            ctx: ctx.clone(),
-            device_id: device_id.to_owned(),
-        })
-    }
 }
 
 /// Which file to download.
@@ -301,17 +241,6 @@ fn refusal(device_id: &str, reason: Option<String>) -> ApiError {
     }
 }
 
-/// Closes the stream if the relay never gets going.
-struct StreamGuard(Option<StreamHandle>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.try_close("the operator left");
-        }
-    }
-}
-
 impl Kind {
     fn action(&self) -> &'static str {
         match self {
@@ -344,23 +273,16 @@ async fn open(
         check_origin(request.headers())?;
     }
     let upgrade = websocket_upgrade(&mut request)?;
-    let device = ctx
-        .store
-        .device(&device_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no device {device_id}")))?;
-    if device.status != DeviceStatus::Accepted {
-        return Err(ApiError::Forbidden(format!(
-            "device {device_id} is {}: it has no sessions",
-            device.status.as_str()
-        )));
-    }
-    if !ctx.links.is_connected(&device_id) {
-        return Err(ApiError::Conflict(format!(
-            "device {device_id} is not connected"
-        )));
-    }
-    let slot = TransferHub::admit(&ctx, &device_id, &caller.actor)?;
+    let slot = ctx
+        .transfers
+        .admit(
+            &ctx,
+            &device_id,
+            &caller.actor,
+            ctx.config.transfer_max_per_device,
+            ctx.config.transfer_opens_per_minute,
+        )
+        .await?;
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
     let (reply_tx, reply_rx) = oneshot::channel();
     ctx.links
@@ -431,6 +353,15 @@ async fn open(
     }
     tracing::info!(device = %device_id, actor = %caller.actor, kind = stream_kind, stream = handle.stream, "stream opened");
     guard.0 = None;
+    // Forwarded connections are held to time limits; a file transfer ends with its file.
+    let limits = match kind {
+        Kind::Tcp { .. } => Limits::from_secs(
+            ctx.config.forward_idle_timeout_s,
+            ctx.config.forward_max_lifetime_s,
+        ),
+        Kind::Get { .. } | Kind::Put { .. } => Limits::default(),
+    };
+    let started = Instant::now();
     let relay = Relay {
         ctx: ctx.clone(),
         _slot: slot,
@@ -439,11 +370,14 @@ async fn open(
         handle,
         events,
         credit: u64::from(credit),
+        grants: Grants::new(WINDOW),
         kind,
         hash: Sha256::new(),
         to_client: 0,
         to_device: 0,
-        started: Instant::now(),
+        limits,
+        started,
+        last_activity: started,
         finished: false,
     };
     let config = WebSocketConfig::default()
@@ -481,12 +415,18 @@ struct Relay {
     events: mpsc::Receiver<FromDevice>,
     /// Bytes the device accepts now.
     credit: u64,
+    /// Bytes delivered to the operator, granted back to the device in batches.
+    grants: Grants,
     kind: Kind,
     /// SHA-256 of the file content relayed.
     hash: Sha256,
     to_client: u64,
     to_device: u64,
+    /// Idle timeout and lifetime (forwarded connections only).
+    limits: Limits,
     started: Instant,
+    /// When a byte last went either way.
+    last_activity: Instant,
     finished: bool,
 }
 
@@ -679,10 +619,13 @@ impl Relay {
             self.handle
                 .send_within_credit(&mut self.credit, &mut pending)
                 .await;
+            let deadline = self.limits.next(self.started, self.last_activity);
+            let limit_at = tokio::time::Instant::from_std(deadline.map_or(self.started, |d| d.0));
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(FromDevice::Data(data)) => {
-                        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                        self.last_activity = Instant::now();
+                        let len = data.len();
                         match self.device_data(data) {
                             Ok(messages) => {
                                 let mut sent = true;
@@ -696,7 +639,9 @@ impl Relay {
                                     operator_there = false;
                                     break End(Err("the operator left".into()), false);
                                 }
-                                let _ = self.handle.send(ToDevice::Credit(len)).await;
+                                if let Some(credit) = self.grants.consumed(len) {
+                                    let _ = self.handle.send(ToDevice::Credit(credit)).await;
+                                }
                             }
                             Err(reason) => break End(Err(reason), false),
                         }
@@ -709,6 +654,7 @@ impl Relay {
                 },
                 message = source.next(), if pending.is_none() => match message {
                     Some(Ok(WsMessage::Binary(data))) => {
+                        self.last_activity = Instant::now();
                         if let Err(reason) = self.operator_data(&data) {
                             break End(Err(reason), false);
                         }
@@ -726,6 +672,10 @@ impl Relay {
                         break End(reason, false);
                     }
                 },
+                _ = tokio::time::sleep_until(limit_at), if deadline.is_some() => {
+                    let reason = deadline.map_or_else(String::new, |d| d.1.to_string());
+                    break End(Err(format!("closed by the server: {reason}")), false);
+                }
                 _ = self.ctx.shutdown.cancelled() => {
                     break End(Err("server shutting down".into()), false);
                 }

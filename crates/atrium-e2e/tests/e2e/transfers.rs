@@ -1,7 +1,8 @@
 //! File copy and port forwarding end to end: a real server, a real agent, real files, a real
 //! HTTP server (python3's) behind the gateway, over TLS on loopback. Copies up and back with
 //! size, checksum and mode kept; every refusal; concurrent forwarded connections; and flow
-//! control holding a fast sender back in both directions, so nothing piles up on the way.
+//! control holding a fast sender back in both directions, so nothing piles up on the way; the
+//! server's idle and lifetime limits ending forwarded connections.
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -23,7 +24,8 @@ use crate::harness::{Backend, TestAgent, TestServer};
 both_backends!(
     files_copy_up_and_back_with_refusals,
     transfers_refused_when_disabled_or_decommissioned,
-    port_forward_reaches_http_and_holds_fast_senders_back
+    port_forward_reaches_http_and_holds_fast_senders_back,
+    forwarded_connections_end_at_the_idle_and_lifetime_limits
 );
 
 const MIB: u64 = 1024 * 1024;
@@ -571,4 +573,170 @@ async fn port_forward_reaches_http_and_holds_fast_senders_back(backend: Backend)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// An echo server behind the gateway; counts the connections that ended (the device hung up).
+async fn echo_server(ended: Arc<AtomicU64>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if socket.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                ended.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    });
+    port
+}
+
+async fn forwarded_connections_end_at_the_idle_and_lifetime_limits(backend: Backend) {
+    const IDLE_S: u64 = 2;
+    const LIFETIME_S: u64 = 5;
+    let server = TestServer::start_with(backend, |c| {
+        c.forward_idle_timeout_s = IDLE_S;
+        c.forward_max_lifetime_s = LIFETIME_S;
+    })
+    .await;
+    let (_agent, id) = gateway(&server, "FWD-LIMITS", |_| {}).await;
+    let operator = token(&server, "ops", "operator").await;
+    let op = target(&server, &operator, &id);
+    let ended = Arc::new(AtomicU64::new(0));
+    let port = echo_server(ended.clone()).await;
+
+    // Two forwarded connections at once: one goes quiet, the other stays busy.
+    let open = || async {
+        let pair = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(pair.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = pair.accept().await.expect("accept");
+        let fwd = op.clone();
+        let opened = tokio::time::Instant::now();
+        let relay = tokio::spawn(async move {
+            let result = forward_connection(&fwd, accepted, "127.0.0.1", port).await;
+            (result, tokio::time::Instant::now())
+        });
+        (client, relay, opened)
+    };
+    let (mut quiet, quiet_relay, _) = open().await;
+    let (mut busy, busy_relay, busy_opened) = open().await;
+    assert!(
+        client_ping_or_stop(&mut quiet).await,
+        "the quiet connection echoes"
+    );
+    let quiet_last = tokio::time::Instant::now();
+
+    // The busy one is never idle (a byte every half second) but ends at its lifetime.
+    let pinger = tokio::spawn(async move {
+        while client_ping_or_stop(&mut busy).await {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+
+    ended_by_server(
+        quiet_relay,
+        &format!("idle for {IDLE_S} s"),
+        quiet_last,
+        IDLE_S,
+    )
+    .await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "nothing after the close");
+
+    ended_by_server(
+        busy_relay,
+        &format!("open for the longest allowed {LIFETIME_S} s"),
+        busy_opened,
+        LIFETIME_S,
+    )
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), pinger).await;
+
+    // The device hung up both connections to the target.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ended.load(Ordering::Relaxed) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the device kept {} connection(s) to the target open",
+            2 - ended.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Audited with the limit as the outcome and the duration.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let closes = audit(&server, &id, "port_forward.close").await;
+        let with = |text: &str, at_least_ms: u64| {
+            closes.iter().any(|e| {
+                e["details"]["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.contains(text))
+                    && e["details"]["duration_ms"].as_u64().unwrap_or(0) >= at_least_ms
+                    && e["details"]["target"] == format!("127.0.0.1:{port}").as_str()
+                    && e["details"]["bytes_to_device"].as_u64().unwrap_or(0) >= 1
+            })
+        };
+        if with(&format!("idle for {IDLE_S} s"), IDLE_S * 1000)
+            && with(
+                &format!("longest allowed {LIFETIME_S} s"),
+                LIFETIME_S * 1000 - 100,
+            )
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "closes {closes:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits for a forwarded connection to end with the server's `reason`, `after_s` seconds
+/// after `since` (give or take the tolerance of a loaded machine).
+async fn ended_by_server(
+    relay: tokio::task::JoinHandle<(anyhow::Result<()>, tokio::time::Instant)>,
+    reason: &str,
+    since: tokio::time::Instant,
+    after_s: u64,
+) {
+    let (result, at) = tokio::time::timeout(Duration::from_secs(20), relay)
+        .await
+        .expect("the connection ends")
+        .expect("task");
+    let err = result.expect_err("the server closes the connection");
+    assert!(
+        format!("{err:#}").contains(&format!("closed by the server: {reason}")),
+        "{err:#}"
+    );
+    let took = at - since;
+    assert!(
+        took >= Duration::from_millis(after_s * 1000 - 100)
+            && took < Duration::from_secs(after_s + 3),
+        "closed after {took:?}, expected {after_s} s: {reason}"
+    );
+}
+
+/// Sends one byte through a forwarded connection; whether its echo came back (false once the
+/// connection is closed).
+async fn client_ping_or_stop(client: &mut TcpStream) -> bool {
+    if client.write_all(b"y").await.is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut byte)).await,
+        Ok(Ok(_))
+    )
 }
