@@ -1,7 +1,10 @@
 // Browser test of the deployment pages against the real server and the demo's gateways: an
 // operator creates a deployment from the form (a refused one shows the server's reason),
 // finds it in the list, opens it and sees its devices; pausing, resuming and aborting change
-// the status live on pages that stay open (the `deployment.updated` events, not a reload); a
+// the status live on pages that stay open (the `deployment.updated` events, not a reload). A
+// deployment the gateways really act on: the demo's gateways have no A/B partitions, so the
+// root filesystem artifact fails on them, the deployment halts at its failure threshold, the
+// page shows why and the device's install log, and a resume goes on to the next phase. A
 // viewer sees no form and no buttons. The e2e test `web` writes an artifact for the demo's
 // device type and passes its path in ATRIUM_DEPLOY_ARTIFACT.
 import { after, before, test } from 'node:test';
@@ -86,6 +89,10 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   await page.getByRole('button', { name: 'Add phase' }).click();
   await page.getByLabel('Phase 2 pause before').check();
   await page.getByLabel(/^Failure threshold/).fill('50');
+  // An hour ahead: the gateways are not offered it while the buttons are tried.
+  const later = new Date(Date.now() + 3600 * 1000);
+  const pad = (n) => String(n).padStart(2, '0');
+  await page.getByLabel(/^Start at/).fill(`${later.getFullYear()}-${pad(later.getMonth() + 1)}-${pad(later.getDate())}T${pad(later.getHours())}:${pad(later.getMinutes())}`);
   await page.getByRole('button', { name: 'Create deployment' }).click();
   await page.getByRole('status').filter({ hasText: `Deployment ${DEPLOYMENT_NAME} created` }).waitFor({ timeout: 15000 });
 
@@ -97,12 +104,13 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   assert.equal(created.phases.length, 2);
   assert.equal(created.phases[1].pause, true);
   assert.equal(created.failure_threshold, 50);
+  assert.ok(Math.abs(created.start_at - later.getTime()) < 60 * 1000, `start_at ${created.start_at} is the time entered`);
   assert.equal(created.counts.total, gateways.length);
   const row = `#deployments tr[data-deployment="${created.id}"]`;
   await page.locator(row).waitFor({ timeout: 10000 });
   // The list page that stayed open learns of it from the event stream.
   await listPage.locator(row).waitFor({ timeout: 15000 });
-  await waitForStatus(page, row, 'running', 'the new deployment in the list');
+  await waitForStatus(page, row, 'scheduled', 'the new deployment in the list');
   assert.match(await page.locator(row).innerText(), new RegExp(`${ARTIFACT_NAME}[\\s\\S]*filter tag:demo=true[\\s\\S]*of ${gateways.length} succeeded`));
   await screenshot(page, env.artifacts, 'deployments');
 
@@ -110,7 +118,7 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   await page.locator(row).getByRole('link', { name: DEPLOYMENT_NAME }).click();
   await page.waitForURL(/deployment\.html\?id=/);
   await page.locator('#live.on').waitFor({ timeout: 15000 });
-  await waitForStatus(page, '#dep-badge', 'running', 'the deployment page');
+  await waitForStatus(page, '#dep-badge', 'scheduled', 'the deployment page');
   const deviceRows = page.locator('#devices tbody tr[data-device-id]');
   await eventually('every gateway in the device table', async () => (await deviceRows.count()) === gateways.length, 15000);
   for (const g of gateways) {
@@ -120,7 +128,7 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   const phases = await apiGet(`/deployments/${created.id}/devices`);
   assert.equal(phases.filter((d) => d.phase === 0).length, 1, 'one gateway in the first phase');
   assert.match(await page.locator('#phase-table').innerText(), /1 device\b/);
-  // The install log viewer opens for a device (it may be empty: the demo's gateways do not install).
+  // The install log viewer opens for a device (empty: nothing was offered yet).
   await page.locator(`#devices tr[data-device-id="${gateways[0].id}"]`).getByRole('button', { name: /Install log of/ }).click();
   await page.locator('#log:not([hidden]) #log-text').waitFor({ timeout: 10000 });
 
@@ -128,7 +136,7 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   const watcher = await admin.context.newPage();
   await watcher.goto(ui(`deployment.html?id=${encodeURIComponent(created.id)}`));
   await watcher.locator('#live.on').waitFor({ timeout: 15000 });
-  await waitForStatus(watcher, '#dep-badge', 'running', 'the watching page');
+  await waitForStatus(watcher, '#dep-badge', 'scheduled', 'the watching page');
   const loads = { watcher: 0, list: 0 };
   watcher.on('load', () => { loads.watcher += 1; });
   listPage.on('load', () => { loads.list += 1; });
@@ -176,6 +184,46 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   await page.locator(`#device-deployments tr[data-deployment="${created.id}"]`).waitFor({ timeout: 15000 });
   await watcher.close();
   await listPage.close();
+  assertNoProblems(admin.context);
+});
+
+test('a deployment the gateways fail halts live, shows why, and a resume goes on', async () => {
+  const token = await csrf(admin.context, env.url);
+  const r = await admin.context.request.post(`${env.url}/api/v1/deployments`, {
+    headers: { 'X-CSRF-Token': token },
+    data: {
+      name: 'web halting rollout',
+      artifact_name: ARTIFACT_NAME,
+      target: { filter: 'tag:demo=true' },
+      phases: [{ size: 1 }, { pause: true }],
+      failure_threshold: 50,
+    },
+  });
+  assert.equal(r.status(), 201, await r.text());
+  const created = await r.json();
+  const p = await admin.context.newPage();
+  await p.goto(ui(`deployment.html?id=${encodeURIComponent(created.id)}`));
+  await p.locator('#live.on').waitFor({ timeout: 15000 });
+  // The first phase's gateway downloads it and fails (no A/B partitions): the failure
+  // threshold halts the deployment, and the page says so without a reload.
+  await waitForStatus(p, '#dep-badge', 'halted', 'after the first gateway failed');
+  assert.match(await p.locator('body').innerText(), /failure threshold of 50%/);
+  const first = (await apiGet(`/deployments/${created.id}/devices`)).find((d) => d.phase === 0);
+  const tr = p.locator(`#devices tr[data-device-id="${first.device_id}"]`);
+  await eventually('the failed gateway shown as failed', async () => (await tr.getAttribute('data-status')) === 'failure', 15000);
+  await tr.getByRole('button', { name: /Install log of/ }).click();
+  await eventually('the gateway\'s install log shown', async () => (await p.locator('#log:not([hidden]) #log-text').innerText()).trim().length > 0, 10000);
+  // The other gateways were never offered it.
+  const rest = (await apiGet(`/deployments/${created.id}/devices`)).filter((d) => d.phase === 1);
+  assert.ok(rest.length >= 1 && rest.every((d) => d.status === 'pending'), JSON.stringify(rest));
+  // The operator looked and goes on: the next phase waits for its own resume, as configured.
+  await p.getByRole('button', { name: 'Resume' }).click();
+  await waitForStatus(p, '#dep-badge', 'paused', 'after resuming the halted deployment');
+  assert.match(await p.locator('body').innerText(), /phase 2 starts when an operator resumes/);
+  await p.getByRole('button', { name: 'Abort' }).click();
+  await p.getByRole('dialog').getByRole('button', { name: 'Abort' }).click();
+  await waitForStatus(p, '#dep-badge', 'aborted', 'after the abort');
+  await p.close();
   assertNoProblems(admin.context);
 });
 

@@ -509,6 +509,16 @@ fn tally(rows: &[DeploymentDevice], phases: usize) -> Tally {
     t
 }
 
+/// Whether an operator resumed the halted deployment after every device of phase `cur` had
+/// ended.
+fn resumed_after_phase(d: &DeploymentRecord, rows: &[DeploymentDevice], cur: usize) -> bool {
+    d.thresholds_from_ms.is_some_and(|from| {
+        rows.iter()
+            .filter(|r| usize::try_from(r.phase).is_ok_and(|p| p == cur))
+            .all(|r| r.finished_ms.is_some_and(|f| f < from))
+    })
+}
+
 async fn step(ctx: &Ctx, mut d: DeploymentRecord, now: i64) -> Result<(), StoreError> {
     let mut phases = phases_of(&d)?;
     if phases.is_empty() {
@@ -614,8 +624,11 @@ async fn step(ctx: &Ctx, mut d: DeploymentRecord, now: i64) -> Result<(), StoreE
                 }
                 match phase_outcome(n, ended, ok, success) {
                     PhaseOutcome::Running => break,
-                    // Halted once for it; an operator's resume lets the next phase start.
-                    PhaseOutcome::Missed if phases[cur].done_ms.is_some() => {}
+                    // Halted for it, or an operator resumed a halted deployment after this
+                    // phase had ended: the operator's decision lets the next phase start.
+                    PhaseOutcome::Missed
+                        if phases[cur].done_ms.is_some() || resumed_after_phase(&d, &rows, cur) => {
+                    }
                     PhaseOutcome::Missed => {
                         phases[cur].done_ms = Some(now);
                         change = Some(DeploymentChange {
@@ -905,12 +918,24 @@ mod tests {
     fn a_phase_advances_only_when_the_success_threshold_is_met() {
         use PhaseOutcome::*;
         assert_eq!(phase_outcome(10, 10, 10, 100), Met);
-        assert_eq!(phase_outcome(10, 10, 0, 100), Missed, "all ended, none succeeded");
+        assert_eq!(
+            phase_outcome(10, 10, 0, 100),
+            Missed,
+            "all ended, none succeeded"
+        );
         assert_eq!(phase_outcome(10, 9, 9, 100), Running);
-        assert_eq!(phase_outcome(10, 9, 9, 90), Met, "met before the last device ended");
+        assert_eq!(
+            phase_outcome(10, 9, 9, 90),
+            Met,
+            "met before the last device ended"
+        );
         assert_eq!(phase_outcome(10, 8, 8, 90), Running);
         assert_eq!(phase_outcome(10, 10, 8, 90), Missed);
-        assert_eq!(phase_outcome(10, 10, 0, 0), Met, "a zero threshold never holds back");
+        assert_eq!(
+            phase_outcome(10, 10, 0, 0),
+            Met,
+            "a zero threshold never holds back"
+        );
         assert_eq!(phase_outcome(0, 0, 0, 100), Met, "an empty phase is done");
     }
 
