@@ -260,11 +260,69 @@ pub fn device_type(device: &Device) -> &str {
         .unwrap_or(&device.identity.device_type)
 }
 
-/// Artifact ids of `name` by compatible device type.
-pub async fn artifacts_by_type(
-    ctx: &Ctx,
-    name: &str,
-) -> Result<HashMap<String, String>, StoreError> {
+/// The uploaded artifacts of one name, from which each device gets the one that fits it.
+#[derive(Debug, Clone, Default)]
+pub struct Candidates(Vec<ArtifactRecord>);
+
+impl Candidates {
+    /// Whether there is no artifact of the name at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The artifact for `device`: compatible with its device type and with every other
+    /// depends (`artifact_name`, `rootfs-image.checksum`, …) met by its inventory; of those
+    /// the most specific (a delta, which depends on the software the device runs, before the
+    /// full artifact), then the newest.
+    pub fn pick(&self, device: &Device) -> Option<&ArtifactRecord> {
+        let device_type = device_type(device);
+        self.0
+            .iter()
+            .filter(|a| a.device_types.iter().any(|t| t == device_type))
+            .filter(|a| depends_met(&a.depends, &device.inventory))
+            .max_by_key(|a| (extra_depends(a), a.uploaded_ms))
+    }
+
+    /// The artifact for `device` that depends on nothing but its device type (the full one
+    /// a failed delta falls back to), if there is one.
+    pub fn full(&self, device: &Device) -> Option<&ArtifactRecord> {
+        let device_type = device_type(device);
+        self.0
+            .iter()
+            .filter(|a| a.device_types.iter().any(|t| t == device_type))
+            .filter(|a| extra_depends(a) == 0)
+            .max_by_key(|a| a.uploaded_ms)
+    }
+}
+
+/// How many depends an artifact has besides the device type.
+fn extra_depends(a: &ArtifactRecord) -> usize {
+    a.depends.keys().filter(|k| *k != "device_type").count()
+}
+
+/// Whether a device's inventory meets an artifact's depends (the device type apart): each
+/// key's value (a string, or a list of which one must match) equals the inventory's.
+pub fn depends_met(
+    depends: &BTreeMap<String, Value>,
+    inventory: &BTreeMap<String, String>,
+) -> bool {
+    depends
+        .iter()
+        .filter(|(k, _)| *k != "device_type")
+        .all(|(k, want)| {
+            let Some(have) = inventory.get(k) else {
+                return false;
+            };
+            match want {
+                Value::String(w) => w == have,
+                Value::Array(ws) => ws.iter().any(|w| w.as_str() == Some(have.as_str())),
+                _ => false,
+            }
+        })
+}
+
+/// The uploaded artifacts named `name`.
+pub async fn candidates(ctx: &Ctx, name: &str) -> Result<Candidates, StoreError> {
     let found = ctx
         .store
         .list_artifacts(&ArtifactQuery {
@@ -272,13 +330,7 @@ pub async fn artifacts_by_type(
             device_type: None,
         })
         .await?;
-    let mut out = HashMap::new();
-    for a in found {
-        for t in a.device_types {
-            out.entry(t).or_insert_with(|| a.id.clone());
-        }
-    }
-    Ok(out)
+    Ok(Candidates(found))
 }
 
 /// New rows for `devices` (accepted only; sorted by id) in `phase`, with the compatible
@@ -287,14 +339,14 @@ pub fn new_rows(
     deployment_id: &str,
     devices: &[&Device],
     phase_of: impl Fn(usize) -> i64,
-    artifacts: &HashMap<String, String>,
+    artifacts: &Candidates,
     now: i64,
 ) -> Vec<DeploymentDevice> {
     devices
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let artifact = artifacts.get(device_type(d)).cloned();
+            let artifact = artifacts.pick(d).map(|a| a.id.clone());
             let compatible = artifact.is_some();
             DeploymentDevice {
                 deployment_id: deployment_id.to_owned(),
@@ -311,7 +363,8 @@ pub fn new_rows(
                 artifact_id: artifact,
                 reason: (!compatible).then(|| {
                     format!(
-                        "no artifact of this name is compatible with device type {:?}",
+                        "no artifact of this name is compatible with device type {:?} \
+                         and the software the device reports",
                         device_type(d)
                     )
                 }),
@@ -410,7 +463,7 @@ async fn try_report(
     };
     let deployment = ctx.store.deployment(&status.deployment).await?;
     let now = now_ms();
-    let Some(next) = apply_report(
+    let Some(mut next) = apply_report(
         &row,
         status,
         deployment.retries,
@@ -419,6 +472,9 @@ async fn try_report(
     ) else {
         return Ok(false);
     };
+    if next.status == "failure" {
+        fall_back_to_full(ctx, &deployment, device_id, &mut next).await?;
+    }
     let mut log = String::new();
     for line in &status.log {
         log.push_str(line.trim_end_matches('\n'));
@@ -435,6 +491,45 @@ async fn try_report(
         .await?;
     ctx.deployments.wake();
     Ok(applied.first().copied().unwrap_or(false))
+}
+
+/// When the artifact that failed depended on more than the device type (a delta, made
+/// against the software the device runs) and a full artifact of the name fits the device,
+/// the row goes back to `pending` with the full one, offered at once: a delta that does not
+/// apply is followed by the full artifact without waiting for `retries`.
+async fn fall_back_to_full(
+    ctx: &Ctx,
+    deployment: &DeploymentRecord,
+    device_id: &str,
+    next: &mut DeploymentDevice,
+) -> Result<(), StoreError> {
+    let Some(failed_id) = next.artifact_id.clone() else {
+        return Ok(());
+    };
+    let artifacts = candidates(ctx, &deployment.artifact_name).await?;
+    let Some(failed) = artifacts.0.iter().find(|a| a.id == failed_id) else {
+        return Ok(());
+    };
+    if extra_depends(failed) == 0 {
+        return Ok(());
+    }
+    let Some(device) = ctx.store.device(device_id).await? else {
+        return Ok(());
+    };
+    let Some(full) = artifacts.full(&device) else {
+        return Ok(());
+    };
+    next.status = "pending".into();
+    next.finished_ms = None;
+    next.next_offer_ms = Some(next.updated_ms);
+    next.reason = Some(format!(
+        "{} did not apply ({}); the full artifact {} is offered",
+        failed.id,
+        next.reason.as_deref().unwrap_or("failure"),
+        full.id
+    ));
+    next.artifact_id = Some(full.id.clone());
+    Ok(())
 }
 
 /// The engine: ticks until `shutdown`.
@@ -554,7 +649,7 @@ async fn step(ctx: &Ctx, mut d: DeploymentRecord, now: i64) -> Result<(), StoreE
                     .filter(|x| !known.contains(x.id.as_str()))
                     .collect();
                 if !fresh.is_empty() {
-                    let artifacts = artifacts_by_type(ctx, &d.artifact_name).await?;
+                    let artifacts = candidates(ctx, &d.artifact_name).await?;
                     let phase = d.phase;
                     let added = new_rows(&d.id, &fresh, |_| phase, &artifacts, now);
                     ctx.store.add_deployment_devices(&added).await?;
@@ -937,6 +1032,104 @@ mod tests {
             "a zero threshold never holds back"
         );
         assert_eq!(phase_outcome(0, 0, 0, 100), Met, "an empty phase is done");
+    }
+
+    fn gateway(inventory: &[(&str, &str)]) -> Device {
+        Device {
+            id: "gw".into(),
+            status: DeviceStatus::Accepted,
+            status_reason: String::new(),
+            identity: atrium_store::Identity {
+                mac: "02:00:00:00:00:01".into(),
+                serial: "SN1".into(),
+                device_type: "gw".into(),
+                hardware_model: String::new(),
+                extra: BTreeMap::new(),
+            },
+            key_fingerprint: "ff".into(),
+            public_key_der: Vec::new(),
+            enrollment: atrium_store::EnrollmentKind::Preauthorized,
+            tags: BTreeMap::new(),
+            inventory: inventory
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            inventory_updated_ms: None,
+            created_ms: 0,
+            updated_ms: 0,
+            last_seen_ms: None,
+            connected: true,
+        }
+    }
+
+    fn artifact(id: &str, uploaded_ms: i64, depends: &[(&str, Value)]) -> ArtifactRecord {
+        ArtifactRecord {
+            id: id.into(),
+            name: "os-2".into(),
+            device_types: vec!["gw".into()],
+            provides: BTreeMap::new(),
+            depends: depends
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .chain([("device_type".to_owned(), serde_json::json!(["gw"]))])
+                .collect(),
+            clears_provides: Vec::new(),
+            payload_types: vec!["rootfs-image".into()],
+            size: 1,
+            sha256: String::new(),
+            signed: false,
+            verified_key: None,
+            description: String::new(),
+            uploaded_by: "op".into(),
+            uploaded_ms,
+        }
+    }
+
+    #[test]
+    fn a_delta_is_picked_only_for_the_software_it_was_made_from() {
+        let all = Candidates(vec![
+            artifact("full", 1, &[]),
+            artifact(
+                "delta-a",
+                2,
+                &[("rootfs-image.checksum", serde_json::json!("aaa"))],
+            ),
+            artifact(
+                "delta-b",
+                3,
+                &[("rootfs-image.checksum", serde_json::json!("bbb"))],
+            ),
+        ]);
+        let on_a = gateway(&[("rootfs-image.checksum", "aaa")]);
+        let on_c = gateway(&[("rootfs-image.checksum", "ccc")]);
+        let fresh = gateway(&[]);
+        assert_eq!(all.pick(&on_a).map(|a| a.id.as_str()), Some("delta-a"));
+        assert_eq!(all.pick(&on_c).map(|a| a.id.as_str()), Some("full"));
+        assert_eq!(all.pick(&fresh).map(|a| a.id.as_str()), Some("full"));
+        assert_eq!(all.full(&on_a).map(|a| a.id.as_str()), Some("full"));
+        // Only deltas: a device on other software gets none (incompatible).
+        let deltas = Candidates(all.0[1..].to_vec());
+        assert!(deltas.pick(&on_c).is_none());
+        assert!(deltas.full(&on_a).is_none());
+        // Another device type: none.
+        let mut other = gateway(&[]);
+        other.identity.device_type = "pi".into();
+        assert!(all.pick(&other).is_none());
+    }
+
+    #[test]
+    fn depends_are_met_by_equal_values_or_one_of_a_list() {
+        let inv = BTreeMap::from([("artifact_name".to_owned(), "os-1".to_owned())]);
+        let dep = |v: Value| BTreeMap::from([("artifact_name".to_owned(), v)]);
+        assert!(depends_met(&dep(serde_json::json!("os-1")), &inv));
+        assert!(depends_met(&dep(serde_json::json!(["os-0", "os-1"])), &inv));
+        assert!(!depends_met(&dep(serde_json::json!(["os-0"])), &inv));
+        assert!(!depends_met(&dep(serde_json::json!(1)), &inv));
+        assert!(!depends_met(
+            &dep(serde_json::json!("os-1")),
+            &BTreeMap::new()
+        ));
+        assert!(depends_met(&BTreeMap::new(), &BTreeMap::new()));
     }
 
     fn row(status: &str, attempt: i64) -> DeploymentDevice {

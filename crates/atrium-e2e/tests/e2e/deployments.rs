@@ -7,7 +7,10 @@
 //!   offer and gets it again on reconnect, an incompatible device, the install log, the
 //!   `deployment.updated` events, the device's history;
 //! - the failure threshold halting a deployment, a resume that keeps going, and an abort that
-//!   cancels the running device and aborts the others.
+//!   cancels the running device and aborts the others;
+//! - a delta artifact offered to the device whose software it was made from, and the full
+//!   artifact offered at once when the delta does not apply; a device on other software gets
+//!   the full artifact.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,7 +26,8 @@ use crate::rooms::sse_until;
 
 crate::both_backends!(
     phased_rollout_with_pause_join_and_reconnect,
-    halt_resume_and_abort
+    halt_resume_and_abort,
+    a_delta_that_does_not_apply_falls_back_to_the_full_artifact
 );
 
 /// What a simulated device does with an offer.
@@ -78,7 +82,21 @@ async fn go_online(
     inbox: &Inbox,
     answer: Answerer,
 ) -> tokio::task::JoinHandle<()> {
+    go_online_with(server, device, inbox, answer, None).await
+}
+
+/// [`go_online`], first reporting `inventory` when given.
+async fn go_online_with(
+    server: &TestServer,
+    device: &Device,
+    inbox: &Inbox,
+    answer: Answerer,
+    inventory: Option<std::collections::BTreeMap<String, String>>,
+) -> tokio::task::JoinHandle<()> {
     let mut link = RawLink::connect(server, &device.key, &device.chain).await;
+    if let Some(inventory) = inventory {
+        link.send(Message::Inventory(inventory)).await;
+    }
     let id = device.id.clone();
     let inbox = inbox.clone();
     tokio::spawn(async move {
@@ -170,7 +188,10 @@ fn cancels_to(inbox: &Inbox, id: &str) -> usize {
 async fn upload(server: &TestServer, name: &str, device_type: &str) -> Value {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("rootfs.img");
-    std::fs::write(&file, vec![7u8; 64 * 1024]).expect("payload");
+    // The image differs by name (so two releases make a delta).
+    let mut image = vec![7u8; 64 * 1024];
+    image[..name.len().min(1024)].copy_from_slice(&name.as_bytes()[..name.len().min(1024)]);
+    std::fs::write(&file, image).expect("payload");
     let spec = atrium_artifact::WriteSpec {
         name: name.to_owned(),
         device_types: vec![device_type.to_owned()],
@@ -676,4 +697,99 @@ async fn halt_resume_and_abort(backend: Backend) {
     for t in tasks {
         t.abort();
     }
+}
+
+async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let old = upload(&server, "os-1", "atrium-test").await;
+    let full = upload(&server, "os-2", "atrium-test").await;
+    let (old_id, full_id) = (
+        old["id"].as_str().expect("id"),
+        full["id"].as_str().expect("id"),
+    );
+    let response = server
+        .http()
+        .post(format!(
+            "{}/api/v1/artifacts/{full_id}/delta?from={old_id}",
+            server.api_url()
+        ))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("make the delta");
+    let status = response.status();
+    let delta: Value = response.json().await.expect("delta");
+    assert_eq!(status, StatusCode::CREATED, "{delta}");
+    let delta_id = delta["id"].as_str().expect("id").to_owned();
+    let checksum = delta["depends"]["rootfs-image.checksum"]
+        .as_str()
+        .expect("the delta depends on the old image")
+        .to_owned();
+
+    let on_old = enroll(&server, "SN-DELTA-1", "atrium-test").await;
+    let elsewhere = enroll(&server, "SN-DELTA-2", "atrium-test").await;
+    // The first offer fails (the delta did not apply), every later one succeeds.
+    let inbox: Inbox = Arc::default();
+    let answer: Answerer = Arc::new(|_: &str, before: usize| {
+        if before == 0 {
+            Answer::Fail
+        } else {
+            Answer::Succeed
+        }
+    });
+    let inventory = std::collections::BTreeMap::from([
+        ("artifact_name".to_owned(), "os-1".to_owned()),
+        ("rootfs-image.checksum".to_owned(), checksum.clone()),
+    ]);
+    let _a = go_online_with(&server, &on_old, &inbox, answer.clone(), Some(inventory)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.device(&on_old.id).await["inventory"]["rootfs-image.checksum"] != checksum.as_str()
+    {
+        assert!(Instant::now() < deadline, "the inventory never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (status, created) = server
+        .post(
+            "/api/v1/deployments",
+            json!({"artifact_name": "os-2", "target": {"device": on_old.id}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().expect("id").to_owned();
+    let done = wait_deployment(&server, &id, "finished", Duration::from_secs(20), |d| {
+        d["status"] == "finished"
+    })
+    .await;
+    assert_eq!(count(&done, "success"), 1, "{done:#}");
+    let offers = offers_to(&inbox, &on_old.id);
+    let seen: Vec<(&str, u32)> = offers
+        .iter()
+        .map(|o| (o.artifact_id.as_str(), o.attempt))
+        .collect();
+    assert_eq!(
+        seen,
+        [(delta_id.as_str(), 1), (full_id, 2)],
+        "the delta first, then the full artifact (no retries were configured)"
+    );
+    let rows = device_rows(&server, &id).await;
+    assert_eq!(rows[&on_old.id]["artifact_id"], full_id);
+
+    // A device that reports no software the delta was made from gets the full artifact.
+    let _b = go_online(&server, &elsewhere, &inbox, answer).await;
+    let (status, created) = server
+        .post(
+            "/api/v1/deployments",
+            json!({"artifact_name": "os-2", "target": {"device": elsewhere.id}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().expect("id").to_owned();
+    wait_deployment(&server, &id, "finished", Duration::from_secs(20), |d| {
+        d["status"] == "finished" && count(d, "success") == 1
+    })
+    .await;
+    let offers = offers_to(&inbox, &elsewhere.id);
+    assert_eq!(offers.len(), 1, "{offers:?}");
+    assert_eq!(offers[0].artifact_id, full_id);
 }

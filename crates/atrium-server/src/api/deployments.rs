@@ -154,7 +154,7 @@ pub async fn create(
             "a deployment's name is at most {MAX_NAME_BYTES} bytes without control characters"
         )));
     }
-    let artifacts = engine::artifacts_by_type(&ctx, &request.artifact_name).await?;
+    let artifacts = engine::candidates(&ctx, &request.artifact_name).await?;
     if artifacts.is_empty() {
         return Err(ApiError::NotFound(format!(
             "no artifact named {:?}",
