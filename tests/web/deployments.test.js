@@ -151,15 +151,15 @@ test('an operator creates a deployment, follows it live, pauses, resumes and abo
   const token = await csrf(admin.context, env.url);
   const resumed = await admin.context.request.post(`${env.url}/api/v1/deployments/${created.id}/resume`, { headers: { 'X-CSRF-Token': token } });
   assert.equal(resumed.status(), 200, await resumed.text());
-  await waitForStatus(page, '#dep-badge', 'running', 'after the resume');
-  await waitForStatus(watcher, '#dep-badge', 'running', 'the watching page after the resume');
-  await waitForStatus(listPage, row, 'running', 'the list after the resume');
+  await waitForStatus(page, '#dep-badge', 'scheduled', 'after the resume (it waits for its start again)');
+  await waitForStatus(watcher, '#dep-badge', 'scheduled', 'the watching page after the resume');
+  await waitForStatus(listPage, row, 'scheduled', 'the list after the resume');
   await page.getByRole('button', { name: 'Pause' }).waitFor({ timeout: 10000 });
 
   // Abort asks first; cancelling changes nothing.
   await page.getByRole('button', { name: 'Abort' }).click();
   await page.getByRole('dialog').getByRole('button', { name: 'Cancel' }).click();
-  assert.equal((await apiGet(`/deployments/${created.id}`)).status, 'running');
+  assert.equal((await apiGet(`/deployments/${created.id}`)).status, 'scheduled');
   await page.getByRole('button', { name: 'Abort' }).click();
   await page.getByRole('dialog').getByRole('button', { name: 'Abort' }).click();
   await page.getByRole('status').filter({ hasText: `Deployment ${DEPLOYMENT_NAME} aborted` }).waitFor({ timeout: 15000 });

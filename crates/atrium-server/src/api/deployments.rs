@@ -390,8 +390,11 @@ pub async fn resume(
         next.released = true;
     }
     let now = crate::now_ms();
+    // Paused before its start: it goes back to waiting for `start_at`.
+    let before_start = phases.first().is_some_and(|p| p.started_ms.is_none())
+        && record.start_at.is_some_and(|at| at > now);
     let c = DeploymentChange {
-        status: "running".into(),
+        status: if before_start { "scheduled" } else { "running" }.into(),
         reason: None,
         phases: Some((
             serde_json::to_value(&phases).map_err(|e| ApiError::Internal(e.to_string()))?,
