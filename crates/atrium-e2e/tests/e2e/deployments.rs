@@ -10,7 +10,8 @@
 //!   cancels the running device and aborts the others;
 //! - a delta artifact offered to the device whose software it was made from, and the full
 //!   artifact offered at once when the delta does not apply; a device on other software gets
-//!   the full artifact.
+//!   the full artifact;
+//! - `retries`: a failed attempt offered again after `retry_delay_s`, the last failure final.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,7 +28,8 @@ use crate::rooms::sse_until;
 crate::both_backends!(
     phased_rollout_with_pause_join_and_reconnect,
     halt_resume_and_abort,
-    a_delta_that_does_not_apply_falls_back_to_the_full_artifact
+    a_delta_that_does_not_apply_falls_back_to_the_full_artifact,
+    a_failed_attempt_is_offered_again_after_the_retry_delay
 );
 
 /// What a simulated device does with an offer.
@@ -792,4 +794,59 @@ async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Ba
     let offers = offers_to(&inbox, &elsewhere.id);
     assert_eq!(offers.len(), 1, "{offers:?}");
     assert_eq!(offers[0].artifact_id, full_id);
+}
+
+async fn a_failed_attempt_is_offered_again_after_the_retry_delay(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    upload(&server, "os-r", "atrium-test").await;
+    let twice = enroll(&server, "SN-RETRY-1", "atrium-test").await;
+    let always = enroll(&server, "SN-RETRY-2", "atrium-test").await;
+    // The first device fails its first attempt only; the second fails every attempt.
+    let inbox: Inbox = Arc::default();
+    let first_id = twice.id.clone();
+    let inbox_seen = inbox.clone();
+    let answer: Answerer = Arc::new(move |id: &str, _| {
+        let offers = offers_to(&inbox_seen, id).len();
+        if id == first_id && offers >= 2 {
+            Answer::Succeed
+        } else {
+            Answer::Fail
+        }
+    });
+    let _a = go_online(&server, &twice, &inbox, answer.clone()).await;
+    let _b = go_online(&server, &always, &inbox, answer).await;
+    let started = Instant::now();
+    let (status, created) = server
+        .post(
+            "/api/v1/deployments",
+            json!({
+                "artifact_name": "os-r",
+                "target": {"filter": "serial ~ \"SN-RETRY-\""},
+                "retries": 1,
+                "retry_delay_s": 2,
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().expect("id").to_owned();
+    let done = wait_deployment(&server, &id, "finished", Duration::from_secs(30), |d| {
+        d["status"] == "finished"
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the second attempt waited for retry_delay_s"
+    );
+    assert_eq!(count(&done, "success"), 1, "{done:#}");
+    assert_eq!(count(&done, "failure"), 1, "{done:#}");
+    for device in [&twice, &always] {
+        let attempts: Vec<u32> = offers_to(&inbox, &device.id)
+            .iter()
+            .map(|o| o.attempt)
+            .collect();
+        assert_eq!(attempts, [1, 2], "one retry for {}", device.id);
+    }
+    let rows = device_rows(&server, &id).await;
+    assert_eq!(rows[&always.id]["status"], "failure");
+    assert_eq!(rows[&always.id]["attempt"], 2);
 }
