@@ -3,7 +3,7 @@
 //! One engine task per server node ticks every second (and at once when woken by a device's
 //! status report, a new deployment or an operator's change). Each tick reads every
 //! deployment that has not ended and, per deployment, its device rows in one query; it
-//! starts phases, halts on the failure threshold, re-resolves the target every
+//! starts phases, halts on the failure or success threshold, re-resolves the target every
 //! `resolve_interval_s`, offers the artifact to due devices that are connected to this node
 //! (within `max_concurrent`), and writes all row changes of the tick in one transaction.
 //! Devices report through their link ([`report`]); a reconnecting device is offered again
