@@ -346,7 +346,7 @@ async fn artifacts_upload_list_download_delete(backend: Backend) {
 }
 
 /// Runs the `atrium` binary against the server and returns its standard output.
-fn atrium_cli(server: &TestServer) -> impl Fn(&[&str]) -> String {
+pub(crate) fn atrium_cli(server: &TestServer) -> impl Fn(&[&str]) -> String {
     let bin = std::env::var("CARGO_BIN_EXE_atrium")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {

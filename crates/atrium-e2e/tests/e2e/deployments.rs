@@ -11,7 +11,8 @@
 //! - a delta artifact offered to the device whose software it was made from, and the full
 //!   artifact offered at once when the delta does not apply; a device on other software gets
 //!   the full artifact;
-//! - `retries`: a failed attempt offered again after `retry_delay_s`, the last failure final.
+//! - `retries`: a failed attempt offered again after `retry_delay_s`, the last failure final;
+//! - the `atrium deployments` commands against the server.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,7 +30,8 @@ crate::both_backends!(
     phased_rollout_with_pause_join_and_reconnect,
     halt_resume_and_abort,
     a_delta_that_does_not_apply_falls_back_to_the_full_artifact,
-    a_failed_attempt_is_offered_again_after_the_retry_delay
+    a_failed_attempt_is_offered_again_after_the_retry_delay,
+    the_cli_creates_follows_and_controls_deployments
 );
 
 /// What a simulated device does with an offer.
@@ -849,4 +851,101 @@ async fn a_failed_attempt_is_offered_again_after_the_retry_delay(backend: Backen
     let rows = device_rows(&server, &id).await;
     assert_eq!(rows[&always.id]["status"], "failure");
     assert_eq!(rows[&always.id]["attempt"], 2);
+}
+
+async fn the_cli_creates_follows_and_controls_deployments(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    upload(&server, "os-cli", "atrium-test").await;
+    let device = enroll(&server, "SN-CLI-1", "atrium-test").await;
+    let inbox: Inbox = Arc::default();
+    let _link = go_online(
+        &server,
+        &device,
+        &inbox,
+        Arc::new(|_: &str, _| Answer::Succeed),
+    )
+    .await;
+    let cli = crate::artifacts::atrium_cli(&server);
+    let json = |out: String| -> Value { serde_json::from_str(&out).expect("json output") };
+
+    // Scheduled far ahead: pause, resume and abort from the command line.
+    let later = json(cli(&[
+        "deployments",
+        "create",
+        "--artifact",
+        "os-cli",
+        "--filter",
+        "serial ~ \"SN-CLI-\"",
+        "--name",
+        "cli later",
+        "--phase",
+        "50%",
+        "--phase",
+        "100%:wait=5:pause",
+        "--failure-threshold",
+        "30",
+        "--start-at",
+        "2099-01-01T00:00:00Z",
+        "--json",
+    ]));
+    let later_id = later["id"].as_str().expect("id").to_owned();
+    assert_eq!(later["status"], "scheduled", "{later:#}");
+    assert_eq!(later["failure_threshold"], 30);
+    assert_eq!(later["phases"][1]["pause"], true);
+    assert_eq!(later["phases"][1]["wait_s"], 5);
+    cli(&["deployments", "pause", &later_id]);
+    assert_eq!(
+        json(cli(&["deployments", "show", &later_id, "--json"]))["status"],
+        "paused"
+    );
+    cli(&["deployments", "resume", &later_id]);
+    assert_eq!(
+        json(cli(&["deployments", "show", &later_id, "--json"]))["status"],
+        "scheduled"
+    );
+    cli(&["deployments", "abort", &later_id]);
+    assert_eq!(
+        json(cli(&["deployments", "show", &later_id, "--json"]))["status"],
+        "aborted"
+    );
+
+    // At once to one device: it installs, the log and the table say so.
+    let now = json(cli(&[
+        "deployments",
+        "create",
+        "--artifact",
+        "os-cli",
+        "--device",
+        &device.id,
+        "--json",
+    ]));
+    let now_id = now["id"].as_str().expect("id").to_owned();
+    wait_deployment(&server, &now_id, "finished", Duration::from_secs(20), |d| {
+        d["status"] == "finished"
+    })
+    .await;
+    let log = cli(&["deployments", "log", &now_id, &device.id]);
+    assert!(log.contains("committed"), "{log}");
+    let listed = json(cli(&["deployments", "list", "--json"]));
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, [now_id.as_str(), later_id.as_str()], "newest first");
+    let table = cli(&["deployments", "show", &now_id, "--devices"]);
+    assert!(
+        table.contains("finished") && table.contains(&device.id) && table.contains("success"),
+        "{table}"
+    );
+    let audit = server.audit_actions(&later_id).await;
+    for action in [
+        "deployment.create",
+        "deployment.pause",
+        "deployment.resume",
+        "deployment.abort",
+    ] {
+        assert!(audit.iter().any(|a| a == action), "{action} in {audit:?}");
+    }
 }
