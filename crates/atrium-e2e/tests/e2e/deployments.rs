@@ -104,6 +104,8 @@ async fn go_online_with(
     let id = device.id.clone();
     let inbox = inbox.clone();
     tokio::spawn(async move {
+        // A repeated offer of an attempt this link already answered gets no second answer.
+        let mut answered = std::collections::HashSet::new();
         loop {
             let Some(message) = link.recv_within(Duration::from_millis(200)).await else {
                 // An idle agent's heartbeat.
@@ -115,17 +117,28 @@ async fn go_online_with(
             }
             let offers = {
                 let mut all = inbox.lock().expect("inbox");
+                // Distinct offers (device, deployment, attempt) the fleet received before.
                 let n = all
-                    .values()
-                    .flatten()
-                    .filter(|m| matches!(m, Message::DeploymentOffer(_)))
-                    .count();
+                    .iter()
+                    .flat_map(|(device, messages)| {
+                        messages.iter().filter_map(move |m| match m {
+                            Message::DeploymentOffer(o) => {
+                                Some((device.clone(), o.deployment.clone(), o.attempt))
+                            }
+                            _ => None,
+                        })
+                    })
+                    .collect::<std::collections::HashSet<_>>()
+                    .len();
                 all.entry(id.clone()).or_default().push(message.clone());
                 n
             };
             let Message::DeploymentOffer(offer) = message else {
                 continue;
             };
+            if !answered.insert((offer.deployment.clone(), offer.attempt)) {
+                continue;
+            }
             let status = |status: &str, bytes: u64, log: &[&str]| {
                 Message::DeploymentStatus(DeploymentStatus {
                     deployment: offer.deployment.clone(),
@@ -157,6 +170,17 @@ async fn go_online_with(
             }
         }
     })
+}
+
+/// The offers `id` received, each (deployment, attempt) once: the server may repeat an
+/// offer (a link that connects while the engine offers gets it from both), as a device must
+/// expect.
+fn distinct_offers(inbox: &Inbox, id: &str) -> Vec<atrium_proto::DeploymentOffer> {
+    let mut seen = std::collections::HashSet::new();
+    offers_to(inbox, id)
+        .into_iter()
+        .filter(|o| seen.insert((o.deployment.clone(), o.attempt)))
+        .collect()
 }
 
 fn offers_to(inbox: &Inbox, id: &str) -> Vec<atrium_proto::DeploymentOffer> {
@@ -522,7 +546,7 @@ async fn phased_rollout_with_pause_join_and_reconnect(backend: Backend) {
     assert!(done["finished_ms"].as_i64().is_some());
     let rows = device_rows(&server, &id).await;
     assert!(rows.contains_key(&late.id), "the late member joined");
-    assert_eq!(offers_to(&inbox, &late.id).len(), 1);
+    assert_eq!(distinct_offers(&inbox, &late.id).len(), 1);
     assert!(
         offers_to(&inbox, &odd.id).is_empty(),
         "incompatible: never offered"
@@ -766,7 +790,7 @@ async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Ba
     })
     .await;
     assert_eq!(count(&done, "success"), 1, "{done:#}");
-    let offers = offers_to(&inbox, &on_old.id);
+    let offers = distinct_offers(&inbox, &on_old.id);
     let seen: Vec<(&str, u32)> = offers
         .iter()
         .map(|o| (o.artifact_id.as_str(), o.attempt))
@@ -793,7 +817,7 @@ async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Ba
         d["status"] == "finished" && count(d, "success") == 1
     })
     .await;
-    let offers = offers_to(&inbox, &elsewhere.id);
+    let offers = distinct_offers(&inbox, &elsewhere.id);
     assert_eq!(offers.len(), 1, "{offers:?}");
     assert_eq!(offers[0].artifact_id, full_id);
 }
@@ -808,7 +832,7 @@ async fn a_failed_attempt_is_offered_again_after_the_retry_delay(backend: Backen
     let first_id = twice.id.clone();
     let inbox_seen = inbox.clone();
     let answer: Answerer = Arc::new(move |id: &str, _| {
-        let offers = offers_to(&inbox_seen, id).len();
+        let offers = distinct_offers(&inbox_seen, id).len();
         if id == first_id && offers >= 2 {
             Answer::Succeed
         } else {
@@ -842,7 +866,7 @@ async fn a_failed_attempt_is_offered_again_after_the_retry_delay(backend: Backen
     assert_eq!(count(&done, "success"), 1, "{done:#}");
     assert_eq!(count(&done, "failure"), 1, "{done:#}");
     for device in [&twice, &always] {
-        let attempts: Vec<u32> = offers_to(&inbox, &device.id)
+        let attempts: Vec<u32> = distinct_offers(&inbox, &device.id)
             .iter()
             .map(|o| o.attempt)
             .collect();
