@@ -275,10 +275,7 @@ impl Candidates {
     /// the most specific (a delta, which depends on the software the device runs, before the
     /// full artifact), then the newest.
     pub fn pick(&self, device: &Device) -> Option<&ArtifactRecord> {
-        let device_type = device_type(device);
-        self.0
-            .iter()
-            .filter(|a| a.device_types.iter().any(|t| t == device_type))
+        self.compatible(device)
             .filter(|a| depends_met(&a.depends, &device.inventory))
             .max_by_key(|a| (extra_depends(a), a.uploaded_ms))
     }
@@ -286,12 +283,20 @@ impl Candidates {
     /// The artifact for `device` that depends on nothing but its device type (the full one
     /// a failed delta falls back to), if there is one.
     pub fn full(&self, device: &Device) -> Option<&ArtifactRecord> {
+        self.compatible(device)
+            .filter(|a| extra_depends(a) == 0)
+            .max_by_key(|a| a.uploaded_ms)
+    }
+
+    /// The artifacts compatible with `device`'s device type.
+    fn compatible<'a, 'd>(
+        &'a self,
+        device: &'d Device,
+    ) -> impl Iterator<Item = &'a ArtifactRecord> + use<'a, 'd> {
         let device_type = device_type(device);
         self.0
             .iter()
-            .filter(|a| a.device_types.iter().any(|t| t == device_type))
-            .filter(|a| extra_depends(a) == 0)
-            .max_by_key(|a| a.uploaded_ms)
+            .filter(move |a| a.device_types.iter().any(|t| t == device_type))
     }
 }
 
