@@ -35,6 +35,13 @@ pub struct Forwarder {
     paused_until: Option<Instant>,
     told_unsupported: bool,
     refused_batches: u64,
+    /// The appended position at which the spool was last seen with nothing unacknowledged:
+    /// until it moves there is nothing to look for (the link's loop asks on every message).
+    drained_at: Option<u64>,
+    /// The spool look under way, with the appended position it began at.
+    looking: Option<(u64, tokio::task::JoinHandle<Option<TelemetryBatch>>)>,
+    /// Looks into the spool begun so far.
+    looks: u64,
 }
 
 impl Forwarder {
@@ -48,6 +55,9 @@ impl Forwarder {
             paused_until: None,
             told_unsupported: false,
             refused_batches: 0,
+            drained_at: None,
+            looking: None,
+            looks: 0,
         }
     }
 
@@ -71,18 +81,34 @@ impl Forwarder {
                 self.paused_until = None;
             }
             // Mark the current position seen before looking, so an append after the look wakes us.
-            self.appended.borrow_and_update();
-            let spool = Arc::clone(&self.spool);
-            let max = self.max_readings;
-            let batch = tokio::task::spawn_blocking(move || {
-                spool.lock().ok().and_then(|mut s| s.next_batch(max))
-            })
-            .await
-            .ok()
-            .flatten();
+            let position = *self.appended.borrow_and_update();
+            if self.drained_at == Some(position) {
+                if self.appended.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                continue;
+            }
+            // A look begun by a call that was cancelled is awaited, not begun again.
+            let (position, look) = match &mut self.looking {
+                Some((at, look)) if *at == position => (position, look),
+                looking => {
+                    let spool = Arc::clone(&self.spool);
+                    let max = self.max_readings;
+                    self.looks += 1;
+                    let look = tokio::task::spawn_blocking(move || {
+                        spool.lock().ok().and_then(|mut s| s.next_batch(max))
+                    });
+                    let (at, look) = looking.insert((position, look));
+                    (*at, look)
+                }
+            };
+            let batch = look.await.ok().flatten();
+            self.looking = None;
             if let Some(batch) = batch {
+                self.drained_at = None;
                 return batch;
             }
+            self.drained_at = Some(position);
             if self.appended.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
@@ -158,6 +184,11 @@ impl Forwarder {
     pub fn refused_batches(&self) -> u64 {
         self.refused_batches
     }
+
+    /// Looks into the spool begun so far (each one a blocking task).
+    pub fn spool_looks(&self) -> u64 {
+        self.looks
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +196,7 @@ mod tests {
     use std::sync::Mutex;
 
     use atrium_proto::Reading;
+    use futures_util::FutureExt as _;
 
     use super::*;
     use crate::spool::{Spool, SpoolLimits};
@@ -234,5 +266,43 @@ mod tests {
         assert!(f.server_error(422, "refused").await);
         assert_eq!(f.refused_batches(), 1);
         assert_eq!(f.spool_stats().await.acked_seq, 5);
+    }
+
+    /// The link asks for the next batch on every message it handles, dropping the question
+    /// when something else comes first: that must not cost a look into the spool each time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn asking_often_looks_into_the_spool_only_when_needed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), SpoolLimits::default()).expect("spool");
+        let spool = Arc::new(Mutex::new(spool));
+        let (appended, rx) = watch::channel(0);
+        let mut f = Forwarder::new(Arc::clone(&spool), rx, 100);
+        let ask = |f: &mut Forwarder| {
+            let _ = f.ready().now_or_never();
+        };
+
+        // Empty: one look, then none until the spool moves.
+        assert!(pending(&mut f).await);
+        for _ in 0..100 {
+            ask(&mut f);
+        }
+        assert_eq!(f.spool_looks(), 1);
+
+        // A look that cannot finish yet (the spool is busy) is awaited again, not repeated.
+        spool
+            .lock()
+            .expect("lock")
+            .append(&readings(0, 2))
+            .expect("append");
+        appended.send_replace(2);
+        let busy = spool.lock().expect("lock");
+        for _ in 0..100 {
+            ask(&mut f);
+        }
+        assert_eq!(f.spool_looks(), 2);
+        drop(busy);
+        let batch = f.ready().await;
+        assert_eq!((batch.batch_seq, batch.readings.len()), (2, 2));
+        assert_eq!(f.spool_looks(), 2);
     }
 }
