@@ -597,7 +597,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Terminal(args) => {
-            let code = terminal::run(args).await?;
+            // On a worker thread, beside the runtime's I/O driver: each echo then wakes no
+            // other thread on its way to the screen.
+            let code = tokio::spawn(terminal::run(args))
+                .await
+                .context("the terminal task failed")??;
             std::process::exit(code)
         }
         Command::TerminalSessions(cmd) => terminal::sessions(cmd).await,
