@@ -373,6 +373,8 @@ fn fit_light_thresholds(
         // One class only: nothing to separate, keep the physical prior.
         return thr;
     }
+    // Per channel: its brightest reading, if it has enough readings to judge.
+    let mut brightest = [None; MAX_CHANNELS];
     for (c, slot) in thr.iter_mut().enumerate() {
         *slot = None;
         let mut v: Vec<(f64, bool)> = rows
@@ -383,6 +385,7 @@ fn fit_light_thresholds(
             continue;
         }
         v.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        brightest[c] = v.last().map(|x| x.0);
         let n = v.len();
         let n_occ = v.iter().filter(|x| x.1).count();
         let majority = n_occ.max(n - n_occ);
@@ -417,6 +420,7 @@ fn fit_light_thresholds(
         let t_hi = 0.5 * (v[hi - 1].0 + v[hi].0);
         *slot = Some(0.5 * (t_lo + t_hi));
     }
+    inherit_room_threshold(&mut thr, &brightest);
 
     let counted: Vec<(&Features, u32)> = rows
         .iter()
@@ -471,6 +475,36 @@ fn fit_light_thresholds(
     thr
 }
 
+/// A channel that separated nothing because it was never lit (its brightest reading is under
+/// every room light's threshold: the lamp at that place was not switched on in this history)
+/// takes the room's usual threshold, the median of the others, so that a place first used
+/// later still counts. A channel that was bright but told nothing (daylight at a window)
+/// stays ignored.
+fn inherit_room_threshold(
+    thr: &mut [Option<f64>; MAX_CHANNELS],
+    brightest: &[Option<f64>; MAX_CHANNELS],
+) {
+    let mut lit: Vec<f64> = thr.iter().flatten().copied().collect();
+    if lit.is_empty() {
+        return;
+    }
+    lit.sort_unstable_by(f64::total_cmp);
+    let lowest = lit[0];
+    let typical = if lit.len() % 2 == 1 {
+        lit[lit.len() / 2]
+    } else {
+        0.5 * (lit[lit.len() / 2 - 1] + lit[lit.len() / 2])
+    };
+    for (slot, max) in thr.iter_mut().zip(brightest) {
+        if slot.is_none()
+            && let Some(max) = max
+            && *max < lowest
+        {
+            *slot = Some(typical);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,5 +556,55 @@ mod tests {
             .collect();
         let t = fit_light_thresholds(&rows)[0].expect("threshold");
         assert!(t > 199.0 && t < 400.0, "{t}");
+    }
+
+    /// Desk lamps on channels 0 and 1 (one person each); channel 2's lamp never on in the
+    /// history (dim all along); channel 3 at a window (bright whether or not anybody is in).
+    #[test]
+    fn a_channel_never_lit_takes_the_room_threshold_and_a_window_stays_ignored() {
+        let rows: Vec<_> = (0..400)
+            .map(|i| {
+                // Of every 8 samples: 4 free, then A, B, A and B, A.
+                let (a, b) = match i % 8 {
+                    4 | 7 => (true, false),
+                    5 => (false, true),
+                    6 => (true, true),
+                    _ => (false, false),
+                };
+                let lamp = |on: bool| if on { 150.0 } else { 10.0 };
+                let f = Features {
+                    light: [
+                        Some(lamp(a) + f64::from(i % 7)),
+                        Some(lamp(b) + f64::from(i % 5)),
+                        Some(40.0 + f64::from(i % 11)),
+                        Some(if i % 3 == 0 { 900.0 } else { 300.0 }),
+                    ],
+                    ..Features::default()
+                };
+                (f, a || b, Some(u32::from(a) + u32::from(b)), i64::from(i))
+            })
+            .collect();
+        let thr = fit_light_thresholds(&rows);
+        let (t0, t1) = (thr[0].expect("lamp 0"), thr[1].expect("lamp 1"));
+        assert!(
+            (16.0..150.0).contains(&t0) && (14.0..150.0).contains(&t1),
+            "{thr:?}"
+        );
+        assert!(t0.min(t1) > 50.0, "{thr:?}");
+        let t2 = thr[2].expect("the unused place keeps a threshold");
+        assert!((t2 - 0.5 * (t0 + t1)).abs() < 1e-9, "{thr:?}");
+        assert_eq!(thr[3], None, "{thr:?}");
+
+        // Its lamp switched on later counts as one more lit place.
+        let cal = Calibration {
+            light_threshold_lux: thr,
+            ..Calibration::physical_prior()
+        };
+        let later = Features {
+            light: [Some(150.0), Some(150.0), Some(150.0), Some(300.0)],
+            ..Features::default()
+        };
+        let (pattern, lit) = cal.light_pattern(&later).expect("pattern");
+        assert_eq!((pattern, lit), (0b0111, 3));
     }
 }
