@@ -648,6 +648,9 @@ async fn step(ctx: &Ctx, mut d: DeploymentRecord, now: i64) -> Result<(), StoreE
             .insert(d.id.clone(), now);
         match resolve_target(ctx, &target_of(&d)?).await {
             Ok(devices) => {
+                if end_rows_of_departed_devices(ctx, &rows, &devices, now).await? {
+                    rows = ctx.store.deployment_devices(&d.id, None).await?;
+                }
                 let known: HashSet<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
                 let fresh: Vec<&Device> = devices
                     .iter()
@@ -794,6 +797,43 @@ async fn step(ctx: &Ctx, mut d: DeploymentRecord, now: i64) -> Result<(), StoreE
             .await?;
     }
     publish(ctx, &d.id).await
+}
+
+/// Ends (`aborted`, with the reason) the open rows of devices that left the accepted fleet:
+/// decommissioned, rejected or deleted since the deployment began. They will never report,
+/// and would otherwise keep the deployment from finishing. A device that only left the target
+/// group stays in the deployment, as the list of devices is fixed when it is created. True if
+/// any row was ended.
+async fn end_rows_of_departed_devices(
+    ctx: &Ctx,
+    rows: &[DeploymentDevice],
+    accepted_in_target: &[Device],
+    now: i64,
+) -> Result<bool, StoreError> {
+    let accepted: HashSet<&str> = accepted_in_target.iter().map(|x| x.id.as_str()).collect();
+    let mut writes = Vec::new();
+    for row in rows
+        .iter()
+        .filter(|r| !r.is_ended() && !accepted.contains(r.device_id.as_str()))
+    {
+        let why = match ctx.store.device(&row.device_id).await? {
+            Some(device) if device.status == DeviceStatus::Accepted => continue,
+            Some(device) => format!("the device was {}", device.status),
+            None => "the device was deleted".to_owned(),
+        };
+        let mut next = row.clone();
+        next.status = "aborted".into();
+        next.reason = Some(format!("{why}; it takes no updates"));
+        next.finished_ms = Some(now);
+        next.updated_ms = now;
+        next.next_offer_ms = None;
+        writes.push(write_of(row, next));
+    }
+    if writes.is_empty() {
+        return Ok(false);
+    }
+    ctx.store.write_deployment_devices(&writes).await?;
+    Ok(true)
 }
 
 /// Offers the artifact to due, connected devices within `max_concurrent`; the rows of the

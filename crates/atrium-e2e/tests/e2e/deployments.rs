@@ -12,6 +12,8 @@
 //!   artifact offered at once when the delta does not apply; a device on other software gets
 //!   the full artifact;
 //! - `retries`: a failed attempt offered again after `retry_delay_s`, the last failure final;
+//! - a device decommissioned while its update is pending: its row ends `aborted` with the
+//!   reason, and the deployment finishes;
 //! - the `atrium deployments` commands against the server.
 
 use std::collections::HashMap;
@@ -31,6 +33,7 @@ crate::both_backends!(
     halt_resume_and_abort,
     a_delta_that_does_not_apply_falls_back_to_the_full_artifact,
     a_failed_attempt_is_offered_again_after_the_retry_delay,
+    a_decommissioned_device_does_not_hold_the_deployment_open,
     the_cli_creates_follows_and_controls_deployments
 );
 
@@ -875,6 +878,58 @@ async fn a_failed_attempt_is_offered_again_after_the_retry_delay(backend: Backen
     let rows = device_rows(&server, &id).await;
     assert_eq!(rows[&always.id]["status"], "failure");
     assert_eq!(rows[&always.id]["attempt"], 2);
+}
+
+async fn a_decommissioned_device_does_not_hold_the_deployment_open(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    upload(&server, "os-d", "atrium-test").await;
+    let online = enroll(&server, "SN-DECOM-1", "atrium-test").await;
+    let offline = enroll(&server, "SN-DECOM-2", "atrium-test").await;
+    let inbox: Inbox = Arc::default();
+    let _a = go_online(
+        &server,
+        &online,
+        &inbox,
+        Arc::new(|_: &str, _| Answer::Succeed),
+    )
+    .await;
+    let (status, created) = server
+        .post(
+            "/api/v1/deployments",
+            json!({
+                "artifact_name": "os-d",
+                "target": {"filter": "serial ~ \"SN-DECOM-\""},
+                "resolve_interval_s": 1,
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().expect("id").to_owned();
+    // The connected device succeeds; the other one, never connected, holds it open.
+    let waiting = wait_deployment(&server, &id, "one success", Duration::from_secs(30), |d| {
+        count(d, "success") == 1
+    })
+    .await;
+    assert_eq!(waiting["status"], "running", "{waiting:#}");
+    assert_eq!(count(&waiting, "pending"), 1, "{waiting:#}");
+
+    server.decide(&offline.id, "decommission").await;
+    let done = wait_deployment(&server, &id, "finished", Duration::from_secs(30), |d| {
+        d["status"] == "finished"
+    })
+    .await;
+    assert_eq!(count(&done, "success"), 1, "{done:#}");
+    assert_eq!(count(&done, "aborted"), 1, "{done:#}");
+    let rows = device_rows(&server, &id).await;
+    let row = &rows[&offline.id];
+    assert_eq!(row["status"], "aborted", "{row:#}");
+    assert!(
+        row["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("decommissioned")),
+        "{row:#}"
+    );
+    assert!(distinct_offers(&inbox, &offline.id).is_empty());
 }
 
 async fn the_cli_creates_follows_and_controls_deployments(backend: Backend) {
