@@ -40,6 +40,15 @@ const CLOCK_FILE: &str = "demo-clock";
 /// gateway clock skew would drop those readings; in the demo it allows 400 days, enough for
 /// a speed-60 demo to run for almost a week.
 const MAX_FUTURE_MS: i64 = 400 * 24 * 3_600_000;
+/// The software the demo's gateways report at first, and the update the demo uploads for them:
+/// one settings file (`single-file`), which installs without a reboot, so a deployment runs
+/// to its end on the simulated gateways.
+pub const FIRST_RELEASE: &str = "office-gateway-1.0";
+pub const UPDATE_RELEASE: &str = "office-gateway-1.1";
+/// Where the demo update puts its file, inside the demo's data directory.
+const UPDATE_DIR: &str = "gateway-files";
+/// The file it writes there.
+pub const UPDATE_FILE: &str = "office.conf";
 /// How long a floor gateway may take to enroll and connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connected gateway's sensor broker may take to listen.
@@ -337,6 +346,16 @@ impl Demo {
             enroll_retry_s: 5,
             ..AgentConfig::default()
         };
+        // Each gateway's own directory; updates go there too, never to the host's /etc.
+        let gateway = |serial: &str| -> anyhow::Result<AgentConfig> {
+            let dir = data_dir.join("gateways").join(serial);
+            Ok(AgentConfig {
+                update: gateway_update_config(&dir)?,
+                data_dir: dir,
+                serial: serial.to_owned(),
+                ..base.clone()
+            })
+        };
 
         // The floor gateways: pre-authorized as an operator would, so they connect at once.
         let mut floors = Vec::new();
@@ -348,13 +367,11 @@ impl Demo {
                     .context("the MQTT port is too high")?,
             };
             let config = AgentConfig {
-                data_dir: data_dir.join("gateways").join(floor.serial),
-                serial: floor.serial.to_owned(),
                 mac: format!("02:a7:00:00:01:{:02x}", i + 1),
                 mqtt_mode: MqttMode::Embedded,
                 mqtt_listen: format!("127.0.0.1:{mqtt_port}"),
                 gateway_name: floor.gateway.to_owned(),
-                ..base.clone()
+                ..gateway(floor.serial)?
             };
             let agent = Agent::new(config)
                 .with_context(|| format!("preparing the gateway {}", floor.serial))?;
@@ -370,12 +387,10 @@ impl Demo {
         // The gateway an operator accepts in the dashboard: no pre-authorization, no sensors.
         let (pending_serial, pending_name) = office::PENDING_GATEWAY;
         let config = AgentConfig {
-            data_dir: data_dir.join("gateways").join(pending_serial),
-            serial: pending_serial.to_owned(),
             mac: "02:a7:00:00:01:ff".to_owned(),
             mqtt_mode: MqttMode::Off,
             gateway_name: pending_name.to_owned(),
-            ..base
+            ..gateway(pending_serial)?
         };
         let agent = Agent::new(config)
             .with_context(|| format!("preparing the gateway {pending_serial}"))?;
@@ -412,6 +427,7 @@ impl Demo {
 
         let ids: Vec<String> = gateways.iter().map(|g| g.device_id.clone()).collect();
         let provisioned = office::provision(&client, &ids).await?;
+        upload_update(&client, data_dir).await?;
 
         for (floor, plan) in office::rooms() {
             let Some(gateway) = gateways.iter().find(|g| g.serial == floor.serial) else {
@@ -474,6 +490,77 @@ struct Populated {
     gateways: Vec<DemoGateway>,
     pending_id: Option<String>,
     pending_state: watch::Receiver<AgentState>,
+}
+
+/// A gateway's update settings: modules, scripts and the installed-software record in its own
+/// directory (created on first use, the record saying [`FIRST_RELEASE`]).
+fn gateway_update_config(dir: &Path) -> anyhow::Result<atrium_agent::update::UpdateConfig> {
+    let device = dir.join("device");
+    for sub in ["modules", "scripts"] {
+        std::fs::create_dir_all(device.join(sub))
+            .with_context(|| format!("creating {}", device.join(sub).display()))?;
+    }
+    let info = device.join("artifact_info");
+    if !info.exists() {
+        std::fs::write(&info, format!("artifact_name={FIRST_RELEASE}\n"))
+            .with_context(|| format!("writing {}", info.display()))?;
+    }
+    Ok(atrium_agent::update::UpdateConfig {
+        modules_dir: device.join("modules"),
+        scripts_dir: device.join("scripts"),
+        artifact_info: info,
+        ..atrium_agent::update::UpdateConfig::default()
+    })
+}
+
+/// Uploads [`UPDATE_RELEASE`] for the demo's gateways unless the server has it already: a
+/// settings file for `<data_dir>/gateway-files/`.
+async fn upload_update(client: &Client, data_dir: &Path) -> anyhow::Result<()> {
+    let found: Vec<serde_json::Value> = client
+        .get("/api/v1/artifacts", &[("name", UPDATE_RELEASE.to_owned())])
+        .await?;
+    if !found.is_empty() {
+        return Ok(());
+    }
+    let content = format!(
+        "# {}: settings of the office gateways, release {UPDATE_RELEASE}\nreport_interval_s = 30\n",
+        office::BUILDING
+    );
+    let spec = atrium_artifact::WriteSpec {
+        name: UPDATE_RELEASE.to_owned(),
+        device_types: vec![DEVICE_TYPE.to_owned()],
+        depends_artifact_names: Vec::new(),
+        provides_group: None,
+        depends_groups: Vec::new(),
+        scripts: Vec::new(),
+        payload: atrium_artifact::PayloadSpec::new(
+            atrium_artifact::PayloadKind::Module("single-file".into()),
+            [
+                (UPDATE_FILE, content.into_bytes()),
+                (
+                    "dest_dir",
+                    data_dir.join(UPDATE_DIR).display().to_string().into_bytes(),
+                ),
+                ("filename", UPDATE_FILE.as_bytes().to_vec()),
+                ("permissions", b"0644".to_vec()),
+            ]
+            .into_iter()
+            .map(|(name, data)| atrium_artifact::FileSource::Memory {
+                name: name.to_owned(),
+                data,
+            })
+            .collect(),
+        ),
+    };
+    let mut body = Vec::new();
+    atrium_artifact::write(&spec, &mut body, atrium_artifact::WriteOptions::default())
+        .context("building the demo update")?;
+    let len = body.len() as u64;
+    let _: serde_json::Value = client
+        .upload("/api/v1/artifacts", &[], len, reqwest::Body::from(body))
+        .await
+        .context("uploading the demo update")?;
+    Ok(())
 }
 
 fn spawn_agent(agent: Agent, shutdown: CancellationToken) -> JoinHandle<()> {
@@ -621,6 +708,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             g.floor, g.name, g.serial, g.mqtt_addr, g.name
         );
     }
+    println!(
+        "  Updates:    the gateways run {FIRST_RELEASE}; deploy {UPDATE_RELEASE} (uploaded) from \
+         Deployments, or with\n              atrium deployments create --artifact {UPDATE_RELEASE} \
+         --filter device_type={DEVICE_TYPE} {cli_flags}"
+    );
     println!(
         "  Clock:      {}; simulated time started at {}",
         describe_speed(demo.clock.speed()),

@@ -560,12 +560,19 @@ fn safe_copy(from: &Path, to: &Path) -> Result<(), Error> {
             to.display()
         ))
     };
+    // A name of its own, so two writers of the same file never share a temporary one.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = to.as_os_str().to_owned();
-    tmp.push(".atrium-tmp");
+    tmp.push(format!(".atrium-tmp-{}-{n}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    fs::copy(from, &tmp).map_err(io)?;
-    File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    fs::rename(&tmp, to).map_err(io)?;
+    let written = fs::copy(from, &tmp)
+        .and_then(|_| File::open(&tmp)?.sync_all())
+        .and_then(|()| fs::rename(&tmp, to));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     if let Some(dir) = to.parent() {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     }

@@ -1,6 +1,7 @@
 //! `atrium demo` end to end: the simulated office comes alive through the real agents, the
-//! real MQTT intake and the real device links, and a second start on the same data directory
-//! reuses the office and continues its clock.
+//! real MQTT intake and the real device links, the update the demo uploads is deployed to
+//! both floor gateways and ends `success` on each, and a second start on the same data
+//! directory reuses the office and continues its clock.
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,81 @@ impl Api {
             response.status()
         );
         response.json().await.expect("json")
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("the API answers");
+        assert!(
+            response.status().is_success(),
+            "POST {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("json")
+    }
+}
+
+/// Deploys the demo's update to its gateways and waits for the deployment to finish: both
+/// floor gateways install it (the one waiting for an operator is not accepted, so not
+/// targeted), write the file and report the new software.
+async fn update_the_gateways(api: &Api, demo: &Demo, data_dir: &std::path::Path) {
+    let artifacts = api
+        .get(&format!(
+            "/api/v1/artifacts?name={}",
+            atrium::demo::UPDATE_RELEASE
+        ))
+        .await;
+    assert_eq!(artifacts.as_array().map(Vec::len), Some(1), "{artifacts:#}");
+    let created = api
+        .post(
+            "/api/v1/deployments",
+            serde_json::json!({
+                "artifact_name": atrium::demo::UPDATE_RELEASE,
+                "target": {"filter": format!("device_type={}", atrium::demo::DEVICE_TYPE)},
+            }),
+        )
+        .await;
+    let id = created["id"].as_str().expect("deployment id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let d = api.get(&format!("/api/v1/deployments/{id}")).await;
+        if d["status"] != "running" && d["status"] != "scheduled" {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the update did not finish: {d:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(done["status"], "finished", "{done:#}");
+    assert_eq!(done["counts"]["success"], 2, "{done:#}");
+    assert_eq!(done["counts"]["total"], 2, "{done:#}");
+    let file = data_dir
+        .join("gateway-files")
+        .join(atrium::demo::UPDATE_FILE);
+    let written = std::fs::read_to_string(&file).expect("the updated settings file");
+    assert!(written.contains(atrium::demo::UPDATE_RELEASE), "{written}");
+    // Each gateway reports the new software in its inventory.
+    for g in &demo.gateways {
+        let path = format!("/api/v1/devices/{}", g.device_id);
+        let mut device = api.get(&path).await;
+        while device["inventory"]["artifact_name"] != atrium::demo::UPDATE_RELEASE {
+            assert!(
+                Instant::now() < deadline,
+                "{} does not report the update: {:#}",
+                g.serial,
+                device["inventory"]
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            device = api.get(&path).await;
+        }
     }
 }
 
@@ -170,6 +246,7 @@ async fn demo_office_comes_alive() {
         "after {took:?} the office is not alive: {seen:?}"
     );
     eprintln!("the office was alive after {took:?}: {seen:?}");
+    update_the_gateways(&api, &demo, dir.path()).await;
 
     // Simulated time runs 300 times faster than the wall clock.
     let simulated = demo.clock.now_ms() - demo.clock.start_ms();
