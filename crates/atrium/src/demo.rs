@@ -40,10 +40,10 @@ const CLOCK_FILE: &str = "demo-clock";
 /// gateway clock skew would drop those readings; in the demo it allows 400 days, enough for
 /// a speed-60 demo to run for almost a week.
 const MAX_FUTURE_MS: i64 = 400 * 24 * 3_600_000;
-/// The software the demo's gateways report at first, and the update the demo uploads for them:
-/// one settings file (`single-file`), which installs without a reboot, so a deployment runs
-/// to its end on the simulated gateways.
+/// The software the demo's gateways report at first.
 pub const FIRST_RELEASE: &str = "office-gateway-1.0";
+/// The update the demo uploads for its gateways: one settings file (`single-file`), which
+/// installs without a reboot, so a deployment runs to its end on the simulated gateways.
 pub const UPDATE_RELEASE: &str = "office-gateway-1.1";
 /// Where the demo update puts its file, inside the demo's data directory.
 const UPDATE_DIR: &str = "gateway-files";
