@@ -350,7 +350,11 @@ impl Demo {
         let gateway = |serial: &str| -> anyhow::Result<AgentConfig> {
             let dir = data_dir.join("gateways").join(serial);
             Ok(AgentConfig {
-                update: gateway_update_config(&dir)?,
+                update: atrium_agent::update::UpdateConfig::in_dir(
+                    &dir.join("device"),
+                    FIRST_RELEASE,
+                )
+                .with_context(|| format!("preparing the update directories of {serial}"))?,
                 data_dir: dir,
                 serial: serial.to_owned(),
                 ..base.clone()
@@ -490,27 +494,6 @@ struct Populated {
     gateways: Vec<DemoGateway>,
     pending_id: Option<String>,
     pending_state: watch::Receiver<AgentState>,
-}
-
-/// A gateway's update settings: modules, scripts and the installed-software record in its own
-/// directory (created on first use, the record saying [`FIRST_RELEASE`]).
-fn gateway_update_config(dir: &Path) -> anyhow::Result<atrium_agent::update::UpdateConfig> {
-    let device = dir.join("device");
-    for sub in ["modules", "scripts"] {
-        std::fs::create_dir_all(device.join(sub))
-            .with_context(|| format!("creating {}", device.join(sub).display()))?;
-    }
-    let info = device.join("artifact_info");
-    if !info.exists() {
-        std::fs::write(&info, format!("artifact_name={FIRST_RELEASE}\n"))
-            .with_context(|| format!("writing {}", info.display()))?;
-    }
-    Ok(atrium_agent::update::UpdateConfig {
-        modules_dir: device.join("modules"),
-        scripts_dir: device.join("scripts"),
-        artifact_info: info,
-        ..atrium_agent::update::UpdateConfig::default()
-    })
 }
 
 /// Uploads [`UPDATE_RELEASE`] for the demo's gateways unless the server has it already: a

@@ -115,6 +115,28 @@ pub struct UpdateConfig {
     pub rootfs: builtin::RootfsConfig,
 }
 
+impl UpdateConfig {
+    /// Update settings kept under `dir` instead of the host's system paths: `modules/`,
+    /// `scripts/` and `artifact_info` (created when missing, naming `artifact_name` as the
+    /// factory software), the rest as by default. For gateways simulated or tested on a host.
+    pub fn in_dir(dir: &Path, artifact_name: &str) -> std::io::Result<UpdateConfig> {
+        let modules_dir = dir.join("modules");
+        let scripts_dir = dir.join("scripts");
+        std::fs::create_dir_all(&modules_dir)?;
+        std::fs::create_dir_all(&scripts_dir)?;
+        let artifact_info = dir.join("artifact_info");
+        if !artifact_info.exists() {
+            std::fs::write(&artifact_info, format!("artifact_name={artifact_name}\n"))?;
+        }
+        Ok(UpdateConfig {
+            modules_dir,
+            scripts_dir,
+            artifact_info,
+            ..UpdateConfig::default()
+        })
+    }
+}
+
 impl Default for UpdateConfig {
     fn default() -> Self {
         UpdateConfig {
@@ -1068,5 +1090,33 @@ impl PayloadSink for Sink<'_> {
         handler
             .file(file, data)
             .map_err(|e| Box::new(e) as atrium_artifact::BoxError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_in_a_directory_are_laid_out_once_and_keep_what_is_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("device");
+        let first = UpdateConfig::in_dir(&base, "factory-1").expect("laid out");
+        assert!(first.modules_dir.is_dir() && first.scripts_dir.is_dir());
+        assert_eq!(first.artifact_info, base.join("artifact_info"));
+        assert_eq!(
+            std::fs::read_to_string(&first.artifact_info).expect("info"),
+            "artifact_name=factory-1\n"
+        );
+        assert_eq!(first.reboot_command, UpdateConfig::default().reboot_command);
+
+        // A second start finds the record and leaves it as it is.
+        std::fs::write(&first.artifact_info, "artifact_name=factory-2\n").expect("write");
+        let again = UpdateConfig::in_dir(&base, "factory-1").expect("again");
+        assert_eq!(again, first);
+        assert_eq!(
+            std::fs::read_to_string(&again.artifact_info).expect("info"),
+            "artifact_name=factory-2\n"
+        );
     }
 }

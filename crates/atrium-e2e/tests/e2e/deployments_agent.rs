@@ -36,13 +36,12 @@ fn script(path: &Path, body: &str) {
 
 /// Points an agent's `[update]` at directories of its own, with `release-1` from the factory.
 fn update_dirs(config: &mut AgentConfig) {
-    let base = config.data_dir.join("device");
-    fs::create_dir_all(base.join("modules")).expect("modules");
-    fs::create_dir_all(base.join("scripts")).expect("scripts");
-    fs::write(base.join("artifact_info"), "artifact_name=release-1\n").expect("info");
-    config.update.modules_dir = base.join("modules");
-    config.update.scripts_dir = base.join("scripts");
-    config.update.artifact_info = base.join("artifact_info");
+    let local =
+        atrium_agent::update::UpdateConfig::in_dir(&config.data_dir.join("device"), "release-1")
+            .expect("update directories");
+    config.update.modules_dir = local.modules_dir;
+    config.update.scripts_dir = local.scripts_dir;
+    config.update.artifact_info = local.artifact_info;
     config.update.health_check_timeout_s = 30;
 }
 
