@@ -801,9 +801,8 @@ async fn step(ctx: &Ctx, mut d: DeploymentRecord, now: i64) -> Result<(), StoreE
 
 /// Ends (`aborted`, with the reason) the open rows of devices that left the accepted fleet:
 /// decommissioned, rejected or deleted since the deployment began. They will never report,
-/// and would otherwise keep the deployment from finishing. A device that only left the target
-/// group stays in the deployment, as the list of devices is fixed when it is created. True if
-/// any row was ended.
+/// and would otherwise keep the deployment from finishing. A device that is still accepted but
+/// only left the target keeps its entry. True if any row was ended.
 async fn end_rows_of_departed_devices(
     ctx: &Ctx,
     rows: &[DeploymentDevice],
