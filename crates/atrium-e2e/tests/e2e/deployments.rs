@@ -280,6 +280,13 @@ async fn wait_deployment(
     }
 }
 
+/// Creates a deployment (which must be accepted) and returns its id.
+pub(crate) async fn create(server: &TestServer, body: Value) -> String {
+    let (status, created) = server.post("/api/v1/deployments", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created["id"].as_str().expect("id").to_owned()
+}
+
 async fn device_rows(server: &TestServer, id: &str) -> HashMap<String, Value> {
     let (status, rows) = server
         .get(&format!("/api/v1/deployments/{id}/devices"))
@@ -780,14 +787,11 @@ async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Ba
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let (status, created) = server
-        .post(
-            "/api/v1/deployments",
-            json!({"artifact_name": "os-2", "target": {"device": on_old.id}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let id = created["id"].as_str().expect("id").to_owned();
+    let id = create(
+        &server,
+        json!({"artifact_name": "os-2", "target": {"device": on_old.id}}),
+    )
+    .await;
     let done = wait_deployment(&server, &id, "finished", Duration::from_secs(20), |d| {
         d["status"] == "finished"
     })
@@ -808,14 +812,11 @@ async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Ba
 
     // A device that reports no software the delta was made from gets the full artifact.
     let _b = go_online(&server, &elsewhere, &inbox, answer).await;
-    let (status, created) = server
-        .post(
-            "/api/v1/deployments",
-            json!({"artifact_name": "os-2", "target": {"device": elsewhere.id}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let id = created["id"].as_str().expect("id").to_owned();
+    let id = create(
+        &server,
+        json!({"artifact_name": "os-2", "target": {"device": elsewhere.id}}),
+    )
+    .await;
     wait_deployment(&server, &id, "finished", Duration::from_secs(20), |d| {
         d["status"] == "finished" && count(d, "success") == 1
     })
@@ -845,19 +846,16 @@ async fn a_failed_attempt_is_offered_again_after_the_retry_delay(backend: Backen
     let _a = go_online(&server, &twice, &inbox, answer.clone()).await;
     let _b = go_online(&server, &always, &inbox, answer).await;
     let started = Instant::now();
-    let (status, created) = server
-        .post(
-            "/api/v1/deployments",
-            json!({
-                "artifact_name": "os-r",
-                "target": {"filter": "serial ~ \"SN-RETRY-\""},
-                "retries": 1,
-                "retry_delay_s": 2,
-            }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let id = created["id"].as_str().expect("id").to_owned();
+    let id = create(
+        &server,
+        json!({
+            "artifact_name": "os-r",
+            "target": {"filter": "serial ~ \"SN-RETRY-\""},
+            "retries": 1,
+            "retry_delay_s": 2,
+        }),
+    )
+    .await;
     let done = wait_deployment(&server, &id, "finished", Duration::from_secs(30), |d| {
         d["status"] == "finished"
     })
@@ -893,18 +891,15 @@ async fn a_decommissioned_device_does_not_hold_the_deployment_open(backend: Back
         Arc::new(|_: &str, _| Answer::Succeed),
     )
     .await;
-    let (status, created) = server
-        .post(
-            "/api/v1/deployments",
-            json!({
-                "artifact_name": "os-d",
-                "target": {"filter": "serial ~ \"SN-DECOM-\""},
-                "resolve_interval_s": 1,
-            }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let id = created["id"].as_str().expect("id").to_owned();
+    let id = create(
+        &server,
+        json!({
+            "artifact_name": "os-d",
+            "target": {"filter": "serial ~ \"SN-DECOM-\""},
+            "resolve_interval_s": 1,
+        }),
+    )
+    .await;
     // The connected device succeeds; the other one, never connected, holds it open.
     let waiting = wait_deployment(&server, &id, "one success", Duration::from_secs(30), |d| {
         count(d, "success") == 1

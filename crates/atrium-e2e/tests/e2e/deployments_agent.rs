@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::both_backends;
+use crate::deployments::create;
 use crate::harness::{Backend, TestAgent, TestServer};
 
 both_backends!(
@@ -112,12 +113,6 @@ async fn enrolled(
     server.decide(&id, "accept").await;
     agent.connected().await;
     (agent, id)
-}
-
-async fn create(server: &TestServer, body: Value) -> String {
-    let (status, created) = server.post("/api/v1/deployments", body).await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    created["id"].as_str().expect("id").to_owned()
 }
 
 /// Polls `path` until `pred` holds; panics with the last answer after `timeout`.
