@@ -70,7 +70,7 @@ async fn enroll(server: &TestServer, serial: &str, device_type: &str) -> Device 
     let id = agent.pending().await;
     server.decide(&id, "accept").await;
     agent.connected().await;
-    agent.stop().await;
+    agent.stop_seen_by(server, &id).await;
     let key = agent.dir.path().join("identity.key");
     let chain = std::fs::read_to_string(agent.dir.path().join("device.crt")).expect("cert");
     Device {

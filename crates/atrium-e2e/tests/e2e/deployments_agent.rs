@@ -115,28 +115,6 @@ async fn enrolled(
     (agent, id)
 }
 
-/// Polls `path` until `pred` holds; panics with the last answer after `timeout`.
-async fn until(
-    server: &TestServer,
-    path: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (status, body) = server.get(path).await;
-        assert_eq!(status, StatusCode::OK, "{path}: {body}");
-        if pred(&body) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} on {path}: {body:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A device's row in a deployment.
 async fn row(server: &TestServer, deployment: &str, device: &str) -> Value {
     let (status, rows) = server
@@ -183,25 +161,13 @@ async fn install_log(server: &TestServer, deployment: &str, device: &str) -> Str
 
 /// Waits until the device's inventory names `artifact`.
 async fn inventory_names(server: &TestServer, device: &str, artifact: &str) {
-    until(
-        server,
-        &format!("/api/v1/devices/{device}"),
-        Duration::from_secs(20),
-        |d| d["inventory"]["artifact_name"] == artifact,
-    )
-    .await;
-}
-
-/// Stops an agent and waits until the server saw its link end.
-async fn take_offline(server: &TestServer, agent: &mut TestAgent, device: &str) {
-    agent.stop().await;
-    until(
-        server,
-        &format!("/api/v1/devices/{device}"),
-        Duration::from_secs(20),
-        |d| d["connected"] == false,
-    )
-    .await;
+    server
+        .until(
+            &format!("/api/v1/devices/{device}"),
+            Duration::from_secs(20),
+            |d| d["inventory"]["artifact_name"] == artifact,
+        )
+        .await;
 }
 
 async fn phased_single_file_deployment_pauses_resumes_and_finishes(backend: Backend) {
@@ -236,10 +202,9 @@ async fn phased_single_file_deployment_pauses_resumes_and_finishes(backend: Back
     });
     let d = create(&server, request.clone()).await;
     let path = format!("/api/v1/deployments/{d}");
-    let paused = until(&server, &path, Duration::from_secs(60), |b| {
-        b["status"] == "paused"
-    })
-    .await;
+    let paused = &server
+        .until(&path, Duration::from_secs(60), |b| b["status"] == "paused")
+        .await;
     assert_eq!(paused["counts"]["success"], 1, "{paused:#}");
     assert_eq!(paused["counts"]["pending"], 2, "{paused:#}");
     let (_, rows) = server.get(&format!("{path}/devices")).await;
@@ -263,10 +228,11 @@ async fn phased_single_file_deployment_pauses_resumes_and_finishes(backend: Back
 
     let (status, body) = server.post(&format!("{path}/resume"), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let done = until(&server, &path, Duration::from_secs(60), |b| {
-        b["status"] == "finished"
-    })
-    .await;
+    let done = &server
+        .until(&path, Duration::from_secs(60), |b| {
+            b["status"] == "finished"
+        })
+        .await;
     let (_, rows) = server.get(&format!("{path}/devices")).await;
     assert_eq!(done["counts"]["success"], 3, "{done:#} {rows:#}");
     assert!(done["finished_ms"].is_i64(), "{done:#}");
@@ -283,16 +249,16 @@ async fn phased_single_file_deployment_pauses_resumes_and_finishes(backend: Back
     // The same deployment again: every device has it already.
     let again = create(&server, request).await;
     let path = format!("/api/v1/deployments/{again}");
-    until(&server, &path, Duration::from_secs(60), |b| {
-        b["status"] == "paused"
-    })
-    .await;
+    server
+        .until(&path, Duration::from_secs(60), |b| b["status"] == "paused")
+        .await;
     let (status, body) = server.post(&format!("{path}/resume"), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let done = until(&server, &path, Duration::from_secs(60), |b| {
-        b["status"] == "finished"
-    })
-    .await;
+    let done = &server
+        .until(&path, Duration::from_secs(60), |b| {
+            b["status"] == "finished"
+        })
+        .await;
     assert_eq!(done["counts"]["already-installed"], 3, "{done:#}");
     for agent in &mut agents {
         agent.stop().await;
@@ -450,13 +416,13 @@ async fn ab_update_reboots_commits_and_a_failed_health_check_halts(backend: Back
     wait_row(&server, &d, &a_id, "rebooting").await;
     good.reboot(&mut a).await;
     a.connected().await;
-    let done = until(
-        &server,
-        &format!("/api/v1/deployments/{d}"),
-        Duration::from_secs(60),
-        |b| b["status"] == "finished",
-    )
-    .await;
+    let done = &server
+        .until(
+            &format!("/api/v1/deployments/{d}"),
+            Duration::from_secs(60),
+            |b| b["status"] == "finished",
+        )
+        .await;
     assert_eq!(done["counts"]["success"], 1, "{done:#}");
     good.boot();
     assert_eq!(good.booted(), "3", "the new system stays");
@@ -475,7 +441,7 @@ async fn ab_update_reboots_commits_and_a_failed_health_check_halts(backend: Back
     let later = Ab::new(rigs.path().join("later"), 0);
     let (mut c, c_id) = enrolled(&server, "AB-LATER", |c| later.configure(c)).await;
     // The other device is offline when the deployment starts: only the unhealthy one runs it.
-    take_offline(&server, &mut c, &c_id).await;
+    c.stop_seen_by(&server, &c_id).await;
     let (status, body) = server.post("/api/v1/groups", json!({"name": "ab"})).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, body) = server
@@ -505,13 +471,13 @@ async fn ab_update_reboots_commits_and_a_failed_health_check_halts(backend: Back
     bad.boot();
     assert_eq!(bad.booted(), "2", "back on the old system");
     assert_eq!(bad.var("upgrade_available"), "0");
-    let halted = until(
-        &server,
-        &format!("/api/v1/deployments/{d}"),
-        Duration::from_secs(30),
-        |b| b["status"] == "halted",
-    )
-    .await;
+    let halted = &server
+        .until(
+            &format!("/api/v1/deployments/{d}"),
+            Duration::from_secs(30),
+            |b| b["status"] == "halted",
+        )
+        .await;
     assert!(halted["status_reason"].is_string(), "{halted:#}");
     // The other device comes online: a halted deployment offers nothing.
     c.respawn();
@@ -576,7 +542,7 @@ async fn offline_device_gets_it_later_and_abort_stops_a_download(backend: Backen
 
     // Offline when the deployment is created: offered once it connects.
     let (mut agent, id) = enrolled(&server, "OFFLINE-1", |_| {}).await;
-    take_offline(&server, &mut agent, &id).await;
+    agent.stop_seen_by(&server, &id).await;
     let d = create(
         &server,
         json!({"artifact_name": "app-3", "target": {"device": id}}),
@@ -606,13 +572,13 @@ async fn offline_device_gets_it_later_and_abort_stops_a_download(backend: Backen
     )
     .await;
     let path = format!("/api/v1/deployments/{d}");
-    let downloading = until(
-        &server,
-        &format!("{path}/devices"),
-        Duration::from_secs(30),
-        |rows| rows[0]["status"] == "downloading" && rows[0]["bytes"].as_u64().unwrap_or(0) > 0,
-    )
-    .await;
+    let downloading = &server
+        .until(
+            &format!("{path}/devices"),
+            Duration::from_secs(30),
+            |rows| rows[0]["status"] == "downloading" && rows[0]["bytes"].as_u64().unwrap_or(0) > 0,
+        )
+        .await;
     assert!(
         downloading[0]["bytes"].as_u64().unwrap_or(0) < noise.len() as u64,
         "{downloading:#}"

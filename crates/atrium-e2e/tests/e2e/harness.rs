@@ -210,6 +210,28 @@ impl TestServer {
         body
     }
 
+    /// Polls `path` until `pred` holds; panics with the last answer after `timeout`.
+    pub async fn until(
+        &self,
+        path: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(path).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            if pred(&body) {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?} on {path}: {body:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn audit_actions(&self, target: &str) -> Vec<String> {
         let (status, body) = self
             .get(&format!("/api/v1/audit?target={target}&limit=1000"))
@@ -368,6 +390,19 @@ impl TestAgent {
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+    }
+
+    /// Stops the agent and waits until the server saw the link of `device` end, so nothing the
+    /// server does next can reach the closed link.
+    pub async fn stop_seen_by(&mut self, server: &TestServer, device: &str) {
+        self.stop().await;
+        server
+            .until(
+                &format!("/api/v1/devices/{device}"),
+                Duration::from_secs(20),
+                |d| d["connected"] == false,
+            )
+            .await;
     }
 }
 
