@@ -449,6 +449,27 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 type Verdict = Arc<Mutex<Option<Result<Artifact, UploadError>>>>;
 
+/// Reads and drops an upload refused before its body was read (wrong content type, a declared
+/// length over the limit), up to [`LINGER_BYTES`] and [`LINGER_TIME`], so the client reads the
+/// answer instead of a broken pipe while it is still sending.
+pub async fn refuse_unread(body: Body) {
+    let mut received = 0;
+    linger(&mut body.into_data_stream(), &mut received, LINGER_BYTES).await;
+}
+
+/// Reads and drops `body` until it ends, `received` passes `cap` or [`LINGER_TIME`] is over.
+async fn linger(body: &mut axum::body::BodyDataStream, received: &mut u64, cap: u64) {
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while let Some(Ok(chunk)) = body.next().await {
+            *received += chunk.len() as u64;
+            if *received > cap {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Feeds an upload's body to the blob store and, through a channel, to the artifact reader.
 struct Feed {
     body: axum::body::BodyDataStream,
@@ -495,17 +516,7 @@ impl Feed {
     /// [`LINGER_TIME`] (as a web server's lingering close does), then the connection may end.
     async fn drain(&mut self) {
         let cap = self.max.saturating_add(LINGER_BYTES);
-        let body = &mut self.body;
-        let received = &mut self.received;
-        let _ = tokio::time::timeout(LINGER_TIME, async {
-            while let Some(Ok(chunk)) = body.next().await {
-                *received += chunk.len() as u64;
-                if *received > cap {
-                    break;
-                }
-            }
-        })
-        .await;
+        linger(&mut self.body, &mut self.received, cap).await;
     }
 
     async fn next(&mut self) -> Option<io::Result<Bytes>> {

@@ -468,6 +468,84 @@ async fn signed_uploads_only_when_keys_are_configured() {
     assert!(blob_files(&small).is_empty());
 }
 
+/// One HTTP/1.1 exchange on an open connection: the status and body of the answer.
+async fn exchange<S>(conn: &mut S, head: &str, body: &[u8]) -> (u16, Value)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    conn.write_all(head.as_bytes()).await.expect("request head");
+    conn.write_all(body).await.expect("request body");
+    conn.flush().await.expect("flush");
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = conn.read(&mut chunk).await.expect("answer");
+        assert!(
+            n > 0,
+            "the server closed the connection instead of answering"
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    let mut rest = buf[end..].to_vec();
+    rest.resize(length, 0);
+    let have = buf.len() - end;
+    conn.read_exact(&mut rest[have..])
+        .await
+        .expect("answer body");
+    (status, serde_json::from_slice(&rest).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_is_read_to_its_end_and_the_connection_stays_open() {
+    let server = TestServer::start_with(Backend::Sqlite, |c| c.artifact_max_bytes = 100_000).await;
+    let tcp = tokio::net::TcpStream::connect(server.config.api_listen)
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = tokio_rustls::TlsConnector::from(server.tls())
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    let post = |content_type: &str, len: usize| {
+        format!(
+            "POST /api/v1/artifacts HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\
+             content-type: {content_type}\r\ncontent-length: {len}\r\n\r\n",
+            server.token
+        )
+    };
+    // Over the limit by its declared length, wrong content type, not an artifact: each is
+    // answered after the whole body was read, and the next request takes the same connection.
+    let big = vec![0x5a; 1 << 20];
+    let (status, body) = exchange(&mut conn, &post(MEDIA, big.len()), &big).await;
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = exchange(&mut conn, &post("text/plain", big.len()), &big).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = exchange(&mut conn, &post(MEDIA, 90_000), &big[..90_000]).await;
+    assert_eq!(status, 422, "{body}");
+    let list = format!(
+        "GET /api/v1/artifacts HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\r\n",
+        server.token
+    );
+    let (status, body) = exchange(&mut conn, &list, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(blob_files(&server).is_empty());
+}
+
 /// Keeps an artifact's payload files.
 #[derive(Default)]
 struct Keep(Vec<Vec<u8>>);

@@ -40,6 +40,7 @@ pub struct TestServer {
     pub config: ServerConfig,
     pub running: Option<RunningServer>,
     pub token: String,
+    tls: Arc<rustls::ClientConfig>,
     http: reqwest::Client,
 }
 
@@ -97,12 +98,18 @@ impl TestServer {
             config,
             running: Some(running),
             token,
+            tls,
             http,
         }
     }
 
     pub fn api_url(&self) -> String {
         format!("https://{}", self.config.api_listen)
+    }
+
+    /// A TLS client configuration that trusts this server's CA (no client certificate).
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
     }
 
     /// The HTTPS client that trusts this server's CA (no credentials attached).

@@ -4,7 +4,6 @@
 //! the asciinema recording replaying to the same screen, audit entries, and sessions ending
 //! from either side with the remote processes gone, plus every refusal.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use atrium::terminal::{TerminalClient, TerminalEvent, TerminalTarget};
@@ -20,17 +19,11 @@ both_backends!(
     terminal_limits_of_the_server
 );
 
-fn tls(server: &TestServer) -> Arc<rustls::ClientConfig> {
-    let pem = std::fs::read_to_string(server.ca_file()).expect("CA bundle");
-    let roots = atrium_pki::parse_pem_certs(&pem).expect("bundle");
-    atrium_pki::tls::client_config(&roots, None).expect("tls")
-}
-
 fn target(server: &TestServer, token: &str, device: &str) -> TerminalTarget {
     TerminalTarget {
         server: server.api_url(),
         token: token.to_owned(),
-        tls: tls(server),
+        tls: server.tls(),
         device: device.to_owned(),
         cols: 80,
         rows: 24,

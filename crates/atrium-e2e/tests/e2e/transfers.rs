@@ -30,17 +30,11 @@ both_backends!(
 
 const MIB: u64 = 1024 * 1024;
 
-fn tls(server: &TestServer) -> Arc<rustls::ClientConfig> {
-    let pem = std::fs::read_to_string(server.ca_file()).expect("CA bundle");
-    let roots = atrium_pki::parse_pem_certs(&pem).expect("bundle");
-    atrium_pki::tls::client_config(&roots, None).expect("tls")
-}
-
 fn target(server: &TestServer, token: &str, device: &str) -> Target {
     Target {
         server: server.api_url(),
         token: token.to_owned(),
-        tls: tls(server),
+        tls: server.tls(),
         device: device.to_owned(),
     }
 }
@@ -431,7 +425,7 @@ async fn port_forward_reaches_http_and_holds_fast_senders_back(backend: Backend)
     ));
     // Plain HTTP, but reqwest wants a TLS configuration to be built.
     let http = reqwest::Client::builder()
-        .use_preconfigured_tls(rustls::ClientConfig::clone(&tls(&server)))
+        .use_preconfigured_tls(rustls::ClientConfig::clone(&server.tls()))
         .build()
         .expect("client");
     let fetches = (0..6).map(|_| {

@@ -149,6 +149,38 @@ pub async fn upload(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<ArtifactView>), ApiError> {
+    if let Err(refusal) = check_upload(&ctx, &caller, &query, &headers) {
+        crate::artifacts::refuse_unread(body).await;
+        return Err(refusal);
+    }
+    let description = query.description.unwrap_or_default();
+    let id = atrium_store::new_id();
+    let (artifact, stored) = ctx
+        .artifacts
+        .receive(&id, body)
+        .await
+        .map_err(upload_error)?;
+    publish(
+        &ctx,
+        &caller,
+        &id,
+        &artifact,
+        &stored,
+        description,
+        "artifact.uploaded",
+        serde_json::json!({}),
+    )
+    .await
+}
+
+/// What is refused before the body is read: the role, the content type, a declared length over
+/// the limit, the description.
+fn check_upload(
+    ctx: &Ctx,
+    caller: &Caller,
+    query: &UploadQuery,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
     caller.require(Role::Operator)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -173,29 +205,12 @@ pub async fn upload(
             "the artifact is larger than the limit of {max} bytes"
         )));
     }
-    let description = query.description.unwrap_or_default();
-    if description.len() > 4096 {
+    if query.description.as_ref().is_some_and(|d| d.len() > 4096) {
         return Err(ApiError::BadRequest(
             "the description is longer than 4096 bytes".into(),
         ));
     }
-    let id = atrium_store::new_id();
-    let (artifact, stored) = ctx
-        .artifacts
-        .receive(&id, body)
-        .await
-        .map_err(upload_error)?;
-    publish(
-        &ctx,
-        &caller,
-        &id,
-        &artifact,
-        &stored,
-        description,
-        "artifact.uploaded",
-        serde_json::json!({}),
-    )
-    .await
+    Ok(())
 }
 
 fn upload_error(e: UploadError) -> ApiError {
