@@ -26,6 +26,8 @@ pub mod rooms;
 pub mod spool;
 pub mod streams;
 pub mod terminal;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod twin;
 pub mod update;
 

@@ -6,7 +6,6 @@
 
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -21,11 +20,7 @@ pub struct Device {
     pub dir: tempfile::TempDir,
 }
 
-pub fn script(path: &Path, body: &str) {
-    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
-}
+pub use atrium_agent::testing::script;
 
 impl Device {
     pub fn new() -> Device {
@@ -204,131 +199,35 @@ exit 0
 // ---------------------------------------------------------------------------------------
 // A/B updates on files standing for partitions, and the power-cut matrix.
 
-pub const OLD: &[u8] = b"OLD-ROOTFS-IMAGE";
-pub const NEW: &[u8] = b"NEW-ROOTFS-IMAGE";
+use atrium_agent::testing::FakeAb;
+pub use atrium_agent::testing::{NEW_ROOTFS as NEW, OLD_ROOTFS as OLD};
 
+/// A [`Device`] whose root filesystem updates go to a [`FakeAb`] in its directory.
 pub struct Ab {
     pub d: Device,
-    /// The `[update.rootfs]` section of the configuration.
-    pub rootfs: String,
+    fake: FakeAb,
+}
+
+impl std::ops::Deref for Ab {
+    type Target = FakeAb;
+
+    fn deref(&self) -> &FakeAb {
+        &self.fake
+    }
 }
 
 impl Ab {
     pub fn new() -> Ab {
         let d = Device::new();
-        let dir = d.dir.path().to_owned();
-        fs::write(dir.join("part2"), OLD.repeat(4096)).expect("part2");
-        fs::write(dir.join("part3"), vec![0u8; OLD.len() * 4096]).expect("part3");
-        fs::write(
-            dir.join("env"),
-            "mender_boot_part=2\nupgrade_available=0\nbootcount=0\n",
-        )
-        .expect("env");
-        script(
-            &dir.join("bin/fw_printenv"),
-            &format!(
-                r#"D={dir:?}
-n=$(cat $D/printenv-count 2>/dev/null || echo 0); n=$((n+1)); echo $n > $D/printenv-count
-if [ -f $D/kill-printenv-at ] && [ "$(cat $D/kill-printenv-at)" = "$n" ]; then kill -9 $PPID; exit 1; fi
-cat $D/env"#
-            ),
-        );
-        script(
-            &dir.join("bin/fw_setenv"),
-            &format!(
-                r#"D={dir:?}
-[ "$1" = "-s" ] && [ "$2" = "-" ] || exit 2
-cp $D/env $D/env.new
-while read -r k v; do
-  [ -z "$k" ] && continue
-  grep -v "^$k=" $D/env.new > $D/env.tmp || true
-  echo "$k=$v" >> $D/env.tmp; mv $D/env.tmp $D/env.new
-done
-mv $D/env.new $D/env"#
-            ),
-        );
-        let rootfs = format!(
-            "[update.rootfs]\npart_a = {:?}\npart_b = {:?}\nfw_printenv = {:?}\nfw_setenv = {:?}\nkernel_cmdline = {:?}\n",
-            dir.join("part2"),
-            dir.join("part3"),
-            dir.join("bin/fw_printenv"),
-            dir.join("bin/fw_setenv"),
-            dir.join("cmdline"),
-        );
-        d.config(&rootfs);
-        let ab = Ab { d, rootfs };
-        ab.boot();
-        ab
+        let fake = FakeAb::new(d.dir.path());
+        d.config(&fake.rootfs_toml());
+        Ab { d, fake }
     }
 
     /// Rewrites the configuration with `extra` in `[update]`, keeping the A/B settings.
     pub fn config(&self, extra: &str) {
-        self.d.config(&format!("{extra}\n{}", self.rootfs));
-    }
-
-    pub fn env(&self) -> Vec<(String, String)> {
-        fs::read_to_string(self.d.path("env"))
-            .expect("env")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    }
-
-    pub fn var(&self, name: &str) -> String {
-        self.env()
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
-            .unwrap_or_default()
-    }
-
-    pub fn set(&self, name: &str, value: &str) {
-        let mut env = self.env();
-        env.retain(|(k, _)| k != name);
-        env.push((name.into(), value.into()));
-        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        fs::write(self.d.path("env"), text).expect("env");
-    }
-
-    /// The bootloader, as Mender's U-Boot integration behaves: a system on trial
-    /// (`upgrade_available=1`) is booted once; if it is still on trial at the next boot, the
-    /// bootloader goes back to the other partition.
-    pub fn boot(&self) {
-        if self.var("upgrade_available") == "1" {
-            let tries: u32 = self.var("bootcount").parse().unwrap_or(0);
-            if tries >= 1 {
-                let back = if self.var("mender_boot_part") == "3" {
-                    "2"
-                } else {
-                    "3"
-                };
-                self.set("mender_boot_part", back);
-                self.set("mender_boot_part_hex", back);
-                self.set("upgrade_available", "0");
-                self.set("bootcount", "0");
-            } else {
-                self.set("bootcount", &(tries + 1).to_string());
-            }
-        }
-        let part = self
-            .d
-            .path(&format!("part{}", self.var("mender_boot_part")));
-        fs::write(
-            self.d.path("cmdline"),
-            format!("console=ttyS0 root={} rw\n", part.display()),
-        )
-        .expect("cmdline");
-    }
-
-    pub fn booted(&self) -> PathBuf {
-        let cmdline = fs::read_to_string(self.d.path("cmdline")).expect("cmdline");
-        PathBuf::from(
-            cmdline
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("root="))
-                .expect("root="),
-        )
+        self.d
+            .config(&format!("{extra}\n{}", self.fake.rootfs_toml()));
     }
 
     /// Runs the agent like an operator would until the update is over: after a kill (a power

@@ -6,11 +6,11 @@
 //! device, and an abort while a download crawls through a slow network.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use atrium_agent::AgentConfig;
+use atrium_agent::testing::{FakeAb, NEW_ROOTFS, ROOTFS_REPEAT, script};
 use atrium_artifact::{Compression, FileSource, PayloadKind, PayloadSpec, WriteOptions, WriteSpec};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -28,12 +28,6 @@ both_backends!(
 
 /// The device type every agent here enrolls with (the harness's).
 const DEVICE_TYPE: &str = "atrium-test";
-
-fn script(path: &Path, body: &str) {
-    fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
-}
 
 /// Points an agent's `[update]` at directories of its own, with `release-1` from the factory.
 fn update_dirs(config: &mut AgentConfig) {
@@ -268,119 +262,43 @@ async fn phased_single_file_deployment_pauses_resumes_and_finishes(backend: Back
 // ---------------------------------------------------------------------------------------
 // A/B on files standing for partitions.
 
-const OLD: &[u8] = b"OLD-ROOTFS-IMAGE";
-const NEW: &[u8] = b"NEW-ROOTFS-IMAGE";
-
-/// One device's partitions, bootloader environment and tools, in its own directory.
+/// One device's [`FakeAb`] with a reboot command that leaves a marker and a health check that
+/// exits with a given code.
 struct Ab {
-    dir: PathBuf,
+    fake: FakeAb,
+}
+
+impl std::ops::Deref for Ab {
+    type Target = FakeAb;
+
+    fn deref(&self) -> &FakeAb {
+        &self.fake
+    }
 }
 
 impl Ab {
     fn new(dir: PathBuf, health_exit: u8) -> Ab {
-        fs::create_dir_all(&dir).expect("ab dir");
-        fs::write(dir.join("part2"), OLD.repeat(4096)).expect("part2");
-        fs::write(dir.join("part3"), vec![0u8; OLD.len() * 4096]).expect("part3");
-        fs::write(
-            dir.join("env"),
-            "mender_boot_part=2\nupgrade_available=0\nbootcount=0\n",
-        )
-        .expect("env");
+        let fake = FakeAb::new(&dir);
         script(
-            &dir.join("bin/fw_printenv"),
-            &format!("cat {:?}", dir.join("env")),
+            &fake.path("bin/reboot"),
+            &format!("touch {:?}", fake.path("rebooted")),
         );
         script(
-            &dir.join("bin/fw_setenv"),
-            &format!(
-                r#"D={dir:?}
-[ "$1" = "-s" ] && [ "$2" = "-" ] || exit 2
-cp $D/env $D/env.new
-while read -r k v; do
-  [ -z "$k" ] && continue
-  grep -v "^$k=" $D/env.new > $D/env.tmp || true
-  echo "$k=$v" >> $D/env.tmp; mv $D/env.tmp $D/env.new
-done
-mv $D/env.new $D/env"#
-            ),
-        );
-        script(
-            &dir.join("bin/reboot"),
-            &format!("touch {:?}", dir.join("rebooted")),
-        );
-        script(
-            &dir.join("bin/health"),
+            &fake.path("bin/health"),
             &format!("echo 'health: exit {health_exit}' >&2\nexit {health_exit}"),
         );
-        let ab = Ab { dir };
-        ab.boot();
-        ab
+        Ab { fake }
     }
 
     fn configure(&self, config: &mut AgentConfig) {
-        let rootfs = &mut config.update.rootfs;
-        rootfs.part_a = self.dir.join("part2");
-        rootfs.part_b = self.dir.join("part3");
-        rootfs.fw_printenv = self.dir.join("bin/fw_printenv");
-        rootfs.fw_setenv = self.dir.join("bin/fw_setenv");
-        rootfs.kernel_cmdline = self.dir.join("cmdline");
-        config.update.reboot_command = vec![self.dir.join("bin/reboot").display().to_string()];
-        config.update.health_check = vec![self.dir.join("bin/health").display().to_string()];
-    }
-
-    fn var(&self, name: &str) -> String {
-        fs::read_to_string(self.dir.join("env"))
-            .expect("env")
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")).map(str::to_owned))
-            .unwrap_or_default()
-    }
-
-    fn set(&self, name: &str, value: &str) {
-        let text = fs::read_to_string(self.dir.join("env")).expect("env");
-        let mut lines: Vec<String> = text
-            .lines()
-            .filter(|l| !l.starts_with(&format!("{name}=")))
-            .map(str::to_owned)
-            .collect();
-        lines.push(format!("{name}={value}"));
-        fs::write(self.dir.join("env"), lines.join("\n") + "\n").expect("env");
-    }
-
-    /// The bootloader as Mender's U-Boot integration behaves: a system on trial boots once;
-    /// still on trial at the next boot, the other partition is booted.
-    fn boot(&self) {
-        if self.var("upgrade_available") == "1" {
-            if self.var("bootcount").parse::<u32>().unwrap_or(0) >= 1 {
-                let back = if self.var("mender_boot_part") == "3" {
-                    "2"
-                } else {
-                    "3"
-                };
-                self.set("mender_boot_part", back);
-                self.set("upgrade_available", "0");
-                self.set("bootcount", "0");
-            } else {
-                self.set("bootcount", "1");
-            }
-        }
-        let part = self
-            .dir
-            .join(format!("part{}", self.var("mender_boot_part")));
-        fs::write(
-            self.dir.join("cmdline"),
-            format!("console=ttyS0 root={} rw\n", part.display()),
-        )
-        .expect("cmdline");
-    }
-
-    fn booted(&self) -> String {
-        self.var("mender_boot_part")
+        config.update.rootfs = self.rootfs_config();
+        config.update.reboot_command = vec![self.path("bin/reboot").display().to_string()];
+        config.update.health_check = vec![self.path("bin/health").display().to_string()];
     }
 
     /// Waits for the reboot command, then stops the agent, boots and starts it again.
     async fn reboot(&self, agent: &mut TestAgent) {
-        let marker = self.dir.join("rebooted");
+        let marker = self.path("rebooted");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !marker.exists() {
             assert!(Instant::now() < deadline, "the agent never rebooted");
@@ -397,7 +315,7 @@ fn rootfs(name: &str) -> Vec<u8> {
     artifact(
         name,
         PayloadKind::RootfsImage,
-        vec![("rootfs.ext4", NEW.repeat(4096))],
+        vec![("rootfs.ext4", NEW_ROOTFS.repeat(ROOTFS_REPEAT))],
     )
 }
 
@@ -425,11 +343,11 @@ async fn ab_update_reboots_commits_and_a_failed_health_check_halts(backend: Back
         .await;
     assert_eq!(done["counts"]["success"], 1, "{done:#}");
     good.boot();
-    assert_eq!(good.booted(), "3", "the new system stays");
+    assert_eq!(good.var("mender_boot_part"), "3", "the new system stays");
     assert_eq!(good.var("upgrade_available"), "0", "committed");
     assert_eq!(
-        fs::read(good.dir.join("part3")).expect("part3"),
-        NEW.repeat(4096)
+        fs::read(good.path("part3")).expect("part3"),
+        NEW_ROOTFS.repeat(ROOTFS_REPEAT)
     );
     let log = install_log(&server, &d, &a_id).await;
     assert!(log.contains("health check"), "{log}");
@@ -469,7 +387,7 @@ async fn ab_update_reboots_commits_and_a_failed_health_check_halts(backend: Back
         "{failed:#}"
     );
     bad.boot();
-    assert_eq!(bad.booted(), "2", "back on the old system");
+    assert_eq!(bad.var("mender_boot_part"), "2", "back on the old system");
     assert_eq!(bad.var("upgrade_available"), "0");
     let halted = &server
         .until(
@@ -489,7 +407,7 @@ async fn ab_update_reboots_commits_and_a_failed_health_check_halts(backend: Back
         "not offered after the halt: {untouched:#}"
     );
     assert_eq!(later.var("upgrade_available"), "0");
-    assert!(!later.dir.join("rebooted").exists());
+    assert!(!later.path("rebooted").exists());
     for agent in [&mut a, &mut b, &mut c] {
         agent.stop().await;
     }
