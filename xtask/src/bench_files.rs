@@ -1,9 +1,9 @@
 //! `cargo xtask bench files`: `atrium cp` and `atrium port-forward` against OpenSSH's `scp`
 //! and `ssh -L` on the same machine.
 //!
-//! The release `atrium` server and `atrium-agent` run as child processes on loopback (as in
-//! `cargo xtask bench terminal`, whose throwaway `sshd` is reused). Measured, each the median
-//! of `--runs` runs:
+//! The release `atrium` server and the `atrium-agent` of the `gateway` profile run as child
+//! processes on loopback (as in `cargo xtask bench terminal`, whose throwaway `sshd` is reused).
+//! Measured, each the median of `--runs` runs:
 //!
 //! - `cp_up_mb_s` / `cp_down_mb_s`: a file of random bytes copied to the device and back with
 //!   the library behind `atrium cp` (hashing, transfer, checksum checks, rename), against
@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench_identity::{Server, build_release, free_port};
+use crate::bench_identity::{Server, build_gateway_agent, build_release, free_port};
 use crate::bench_terminal::{Sshd, start_agent, start_sshd, tempfile_dir};
 
 /// What to measure.
@@ -41,7 +41,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let agent_bin = match &opts.agent_bin {
         Some(bin) => bin.clone(),
-        None => build_release("atrium-agent", "atrium-agent")?,
+        None => build_gateway_agent()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

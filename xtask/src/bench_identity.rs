@@ -813,18 +813,37 @@ fn build_server() -> anyhow::Result<PathBuf> {
 /// Builds the release binary `bin` of `package` in this cargo's target directory and returns
 /// its path.
 pub(crate) fn build_release(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    build_profile(package, bin, "release")
+}
+
+/// Builds the agent as gateways get it (the `gateway` profile: small and lean) and returns
+/// its path.
+pub(crate) fn build_gateway_agent() -> anyhow::Result<PathBuf> {
+    build_profile("atrium-agent", "atrium-agent", "gateway")
+}
+
+fn build_profile(package: &str, bin: &str, profile: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask has no parent directory")?;
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", package])
+        .args([
+            "build",
+            "--profile",
+            profile,
+            "--quiet",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ])
         .current_dir(root)
         .status()
         .context("running cargo build")?;
     ensure!(
         status.success(),
-        "cargo build --release -p {package} failed"
+        "cargo build --profile {profile} -p {package} failed"
     );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -834,7 +853,7 @@ pub(crate) fn build_release(package: &str, bin: &str) -> anyhow::Result<PathBuf>
     } else {
         target
     };
-    let path = target.join("release").join(bin);
+    let path = target.join(profile).join(bin);
     ensure!(path.exists(), "{} was not built", path.display());
     Ok(path)
 }

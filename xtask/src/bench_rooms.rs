@@ -12,9 +12,10 @@
 //! 2. Reading-to-event latency at a fraction (10 %) of the measured rate: the links pace their
 //!    batches; an SSE client on `/api/v1/events/rooms` matches every `state` and `event` message
 //!    to the reading that caused it (room and reading time) and takes the time since its send.
-//! 3. The agent: the real `atrium-agent` release binary (embedded MQTT broker) enrolled with the
-//!    server; an MQTT client (rumqttc, QoS 1) publishes SenML packs; timed until the server has
-//!    stored every reading; the agent's RSS is sampled throughout (VmRSS, VmHWM).
+//! 3. The agent: the real `atrium-agent` binary as gateways get it (`gateway` profile, embedded
+//!    MQTT broker) enrolled with the server; an MQTT client (rumqttc, QoS 1) publishes SenML
+//!    packs; timed until the server has stored every reading; the agent's RSS is sampled
+//!    throughout (VmRSS, VmHWM).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,8 +33,9 @@ use tokio::sync::Barrier;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::bench_identity::{
-    Backend, Link, Server, build_release, connect, cpu_seconds, fresh_postgres, machine_cpu,
-    machine_note, make_devices, median, own_cpu_seconds, percentile_ms, unix_ms,
+    Backend, Link, Server, build_gateway_agent, build_release, connect, cpu_seconds,
+    fresh_postgres, machine_cpu, machine_note, make_devices, median, own_cpu_seconds,
+    percentile_ms, unix_ms,
 };
 
 /// What to measure and how hard.
@@ -156,7 +158,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let agent_bin = match (&opts.agent_bin, opts.agent_readings) {
         (_, 0) => None,
         (Some(bin), _) => Some(bin.clone()),
-        (None, _) => Some(build_release("atrium-agent", "atrium-agent")?),
+        (None, _) => Some(build_gateway_agent()?),
     };
     println!("# {}", machine_note());
     println!("# server binary: {}", server_bin.display());
@@ -966,6 +968,7 @@ async fn drive_agent(
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_kb = rss_kb(pid)?.0;
+    let idle_split = rss_split_kb(pid)?;
 
     // The publisher: one MQTT client, QoS 1, as many messages in flight as rumqttc allows.
     let mut options =
@@ -1092,6 +1095,10 @@ async fn drive_agent(
     );
     println!("agent_idle_rss_mb: {:.1} MB", idle_kb as f64 / 1024.0);
     println!(
+        "# agent idle RSS: {} KB anonymous (heap, stacks), {} KB file pages (mostly the binary's)",
+        idle_split.0, idle_split.1
+    );
+    println!(
         "agent_cpu: {:.2} cores",
         (cpu_after.0 - cpu_before.0) / stored_s
     );
@@ -1135,16 +1142,29 @@ fn agent_pack_records(node: &str, round: i64, pack: usize, base_s: i64) -> Vec<V
 
 /// VmRSS and VmHWM of `pid`, KB.
 fn rss_kb(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let [rss, hwm] = status_kb(pid, ["VmRSS:", "VmHWM:"])?;
+    Ok((rss, hwm))
+}
+
+/// RssAnon and RssFile of `pid`, KB.
+fn rss_split_kb(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let [anon, file] = status_kb(pid, ["RssAnon:", "RssFile:"])?;
+    Ok((anon, file))
+}
+
+/// Fields of `/proc/PID/status` given in kB.
+fn status_kb<const N: usize>(pid: u32, names: [&str; N]) -> anyhow::Result<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
+    let mut values = [0; N];
+    for (value, name) in values.iter_mut().zip(names) {
+        *value = status
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+    }
+    Ok(values)
 }
 
 /// Size of the files under `dir`, KB.

@@ -1,8 +1,8 @@
 //! `cargo xtask bench terminal`: the remote terminal against OpenSSH on the same machine.
 //!
-//! The release `atrium` server and `atrium-agent` run as child processes on loopback; the
-//! agent enrolls, is accepted, and the bench opens terminals through the server like
-//! `atrium terminal` does. Beside it, a throwaway OpenSSH `sshd` (installed from Debian when
+//! The release `atrium` server and the `atrium-agent` of the `gateway` profile run as child
+//! processes on loopback; the agent enrolls, is accepted, and the bench opens terminals through
+//! the server like `atrium terminal` does. Beside it, a throwaway OpenSSH `sshd` (installed from Debian when
 //! missing) runs on a spare port with a fresh host key and client key, and the same two
 //! measurements go through `ssh -tt`:
 //!
@@ -20,7 +20,7 @@ use atrium::terminal::{TerminalClient, TerminalEvent, TerminalTarget};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
-use crate::bench_identity::{Server, build_release, free_port};
+use crate::bench_identity::{Server, build_gateway_agent, build_release, free_port};
 
 /// What to measure.
 pub struct Options {
@@ -41,7 +41,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let agent_bin = match &opts.agent_bin {
         Some(bin) => bin.clone(),
-        None => build_release("atrium-agent", "atrium-agent")?,
+        None => build_gateway_agent()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
