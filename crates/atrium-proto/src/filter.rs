@@ -463,29 +463,41 @@ fn write_value(f: &mut fmt::Formatter<'_>, value: &str) -> fmt::Result {
     f.write_str("\"")
 }
 
-fn write_operand(f: &mut fmt::Formatter<'_>, x: &Filter) -> fmt::Result {
+/// How tightly an operator binds: `or` < `and` < `not` and terms.
+fn binding(x: &Filter) -> u8 {
     match x {
-        Filter::And(..) | Filter::Or(..) => write!(f, "({x})"),
-        _ => write!(f, "{x}"),
+        Filter::Or(..) => 0,
+        Filter::And(..) => 1,
+        _ => 2,
     }
 }
 
-/// The canonical text of a filter: parses back to the same filter.
+/// Writes `x` as an operand that must bind at least `min`, in parentheses when it does not.
+fn write_operand(f: &mut fmt::Formatter<'_>, x: &Filter, min: u8) -> fmt::Result {
+    if binding(x) < min {
+        write!(f, "({x})")
+    } else {
+        write!(f, "{x}")
+    }
+}
+
+/// The canonical text of a filter: parses back to the same filter. Parentheses stand only where
+/// the grouping needs them (`and` and `or` group from the left), so a chain of terms prints
+/// flat and never nests deeper than the text it was parsed from.
 impl fmt::Display for Filter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Filter::And(a, b) | Filter::Or(a, b) => {
-                write_operand(f, a)?;
-                f.write_str(if matches!(self, Filter::And(..)) {
-                    " and "
-                } else {
-                    " or "
-                })?;
-                write_operand(f, b)
+                let own = binding(self);
+                // The left operand may be the same operator (a chain); the right one must
+                // bind tighter, or it would be read as part of the chain.
+                write_operand(f, a, own)?;
+                f.write_str(if own == 1 { " and " } else { " or " })?;
+                write_operand(f, b, own + 1)
             }
             Filter::Not(a) => {
                 f.write_str("not ")?;
-                write_operand(f, a)
+                write_operand(f, a, 2)
             }
             Filter::Exists(attr) => {
                 write_name(f, attr)?;
@@ -669,6 +681,29 @@ mod tests {
                 inner.prop_map(|a| Filter::Not(Box::new(a))),
             ]
         })
+    }
+
+    #[test]
+    fn long_chains_print_flat_and_parse_back() {
+        // More terms than the nesting limit: accepted, and still accepted once printed.
+        let chain = (0..MAX_DEPTH + 8)
+            .map(|i| format!("a{i}=1"))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        let f = parse(&chain).unwrap();
+        assert_eq!(f.to_string(), chain);
+        let mixed = format!("{chain} or b=2 and (c=3 or d=4) or not (e=5 and f=6)");
+        let f = parse(&mixed).unwrap();
+        assert_eq!(f.to_string(), mixed);
+        assert_eq!(parse(&f.to_string()), Ok(f));
+        // Grouping to the right keeps its parentheses.
+        for text in [
+            "a=1 and (b=2 and c=3)",
+            "a=1 or (b=2 or c=3)",
+            "(a=1 or b=2) and c=3",
+        ] {
+            assert_eq!(parse(text).unwrap().to_string(), text);
+        }
     }
 
     proptest! {

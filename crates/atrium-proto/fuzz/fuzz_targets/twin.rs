@@ -8,7 +8,12 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let (first, second) = text.split_at(text.len() / 2);
+    // Split near the middle, at a character boundary.
+    let mut mid = text.len() / 2;
+    while !text.is_char_boundary(mid) {
+        mid -= 1;
+    }
+    let (first, second) = text.split_at(mid);
     let (Ok(a), Ok(b)) = (parse(first), parse(second)) else {
         let _ = parse(text);
         return;
