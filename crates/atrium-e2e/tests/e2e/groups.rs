@@ -201,6 +201,17 @@ async fn tags_filters_groups_and_group_twin_patches(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // A chain of more terms than the nesting limit is stored as it reads and evaluated later.
+    let chain = std::iter::once("tag:floor=3".to_owned())
+        .chain((0..40).map(|i| format!("not tag:x{i} exists")))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let (status, body) = server
+        .post("/api/v1/groups", json!({"name": "long", "filter": chain}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["filter"], chain.as_str());
+    assert_eq!(ids(&server, "/api/v1/groups/long").await, vec![b.clone()]);
 
     // A static group with every kind of device.
     let (status, body) = server
@@ -233,7 +244,11 @@ async fn tags_filters_groups_and_group_twin_patches(backend: Backend) {
         .collect();
     assert_eq!(
         counts,
-        [("all-four".to_owned(), 4), ("floor3".to_owned(), 1)]
+        [
+            ("all-four".to_owned(), 4),
+            ("floor3".to_owned(), 1),
+            ("long".to_owned(), 1)
+        ]
     );
 
     // A group twin patch reaches the accepted, connected agents, which apply it.
