@@ -449,9 +449,10 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 type Verdict = Arc<Mutex<Option<Result<Artifact, UploadError>>>>;
 
-/// Reads and drops an upload refused before its body was read (wrong content type, a declared
-/// length over the limit), up to [`LINGER_BYTES`] and [`LINGER_TIME`], so the client reads the
-/// answer instead of a broken pipe while it is still sending.
+/// Reads and drops an upload refused before its body was read (the caller's role, the content
+/// type, a declared length over the limit, the description), up to [`LINGER_BYTES`] and
+/// [`LINGER_TIME`], so a client still sending reads the answer instead of a broken pipe and the
+/// connection stays usable.
 pub async fn refuse_unread(body: Body) {
     let mut received = 0;
     linger(&mut body.into_data_stream(), &mut received, LINGER_BYTES).await;
