@@ -264,20 +264,12 @@ async fn upload(server: &TestServer, name: &str, device_type: &str) -> Value {
 async fn wait_deployment(
     server: &TestServer,
     id: &str,
-    what: &str,
     timeout: Duration,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (status, d) = server.get(&format!("/api/v1/deployments/{id}")).await;
-        assert_eq!(status, StatusCode::OK, "{d}");
-        if pred(&d) {
-            return d;
-        }
-        assert!(Instant::now() < deadline, "{what}: not reached; last {d:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    server
+        .until(&format!("/api/v1/deployments/{id}"), timeout, pred)
+        .await
 }
 
 /// Creates a deployment (which must be accepted) and returns its id.
@@ -475,13 +467,9 @@ async fn phased_rollout_with_pause_join_and_reconnect(backend: Backend) {
     assert_eq!(response.status(), StatusCode::OK);
     let size = response.bytes().await.expect("bytes").len() as u64;
     assert_eq!(size, offers[1].size);
-    let paused = wait_deployment(
-        &server,
-        &id,
-        "paused before phase 2",
-        Duration::from_secs(20),
-        |d| d["status"] == "paused",
-    )
+    let paused = wait_deployment(&server, &id, Duration::from_secs(20), |d| {
+        d["status"] == "paused"
+    })
     .await;
     assert!(
         paused["status_reason"]
@@ -514,13 +502,9 @@ async fn phased_rollout_with_pause_join_and_reconnect(backend: Backend) {
         .await;
     assert!(status.is_success(), "{body}");
     tasks.push(go_online(&server, &late, &inbox, answer.clone()).await);
-    wait_deployment(
-        &server,
-        &id,
-        "phase 2 running",
-        Duration::from_secs(10),
-        |d| count(d, "success") == 4,
-    )
+    wait_deployment(&server, &id, Duration::from_secs(10), |d| {
+        count(d, "success") == 4
+    })
     .await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let rows = device_rows(&server, &id).await;
@@ -532,21 +516,14 @@ async fn phased_rollout_with_pause_join_and_reconnect(backend: Backend) {
         rows[&late.id]["phase"], 1,
         "a late device joins the running phase"
     );
-    let d = wait_deployment(
-        &server,
-        &id,
-        "still running",
-        Duration::from_secs(1),
-        |_| true,
-    )
-    .await;
+    let d = wait_deployment(&server, &id, Duration::from_secs(1), |_| true).await;
     assert_eq!(d["status"], "running");
     assert_eq!(
         d["phase"], 1,
         "phase 2 is not done while a device of it is offline"
     );
     tasks.push(go_online(&server, &fleet[3], &inbox, answer.clone()).await);
-    let done = wait_deployment(&server, &id, "finished", Duration::from_secs(30), |d| {
+    let done = wait_deployment(&server, &id, Duration::from_secs(30), |d| {
         d["status"] == "finished"
     })
     .await;
@@ -646,7 +623,7 @@ async fn halt_resume_and_abort(backend: Backend) {
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["id"].as_str().expect("id").to_owned();
     assert_eq!(count(&created, "total"), 5);
-    let halted = wait_deployment(&server, &id, "halted", Duration::from_secs(20), |d| {
+    let halted = wait_deployment(&server, &id, Duration::from_secs(20), |d| {
         d["status"] == "halted"
     })
     .await;
@@ -678,13 +655,9 @@ async fn halt_resume_and_abort(backend: Backend) {
         .post(&format!("/api/v1/deployments/{id}/resume"), json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let running = wait_deployment(
-        &server,
-        &id,
-        "one device downloading",
-        Duration::from_secs(10),
-        |d| count(d, "downloading") == 1,
-    )
+    let running = wait_deployment(&server, &id, Duration::from_secs(10), |d| {
+        count(d, "downloading") == 1
+    })
     .await;
     assert_eq!(running["status"], "running");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -792,7 +765,7 @@ async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Ba
         json!({"artifact_name": "os-2", "target": {"device": on_old.id}}),
     )
     .await;
-    let done = wait_deployment(&server, &id, "finished", Duration::from_secs(20), |d| {
+    let done = wait_deployment(&server, &id, Duration::from_secs(20), |d| {
         d["status"] == "finished"
     })
     .await;
@@ -817,7 +790,7 @@ async fn a_delta_that_does_not_apply_falls_back_to_the_full_artifact(backend: Ba
         json!({"artifact_name": "os-2", "target": {"device": elsewhere.id}}),
     )
     .await;
-    wait_deployment(&server, &id, "finished", Duration::from_secs(20), |d| {
+    wait_deployment(&server, &id, Duration::from_secs(20), |d| {
         d["status"] == "finished" && count(d, "success") == 1
     })
     .await;
@@ -856,7 +829,7 @@ async fn a_failed_attempt_is_offered_again_after_the_retry_delay(backend: Backen
         }),
     )
     .await;
-    let done = wait_deployment(&server, &id, "finished", Duration::from_secs(30), |d| {
+    let done = wait_deployment(&server, &id, Duration::from_secs(30), |d| {
         d["status"] == "finished"
     })
     .await;
@@ -901,7 +874,7 @@ async fn a_decommissioned_device_does_not_hold_the_deployment_open(backend: Back
     )
     .await;
     // The connected device succeeds; the other one, never connected, holds it open.
-    let waiting = wait_deployment(&server, &id, "one success", Duration::from_secs(30), |d| {
+    let waiting = wait_deployment(&server, &id, Duration::from_secs(30), |d| {
         count(d, "success") == 1
     })
     .await;
@@ -909,7 +882,7 @@ async fn a_decommissioned_device_does_not_hold_the_deployment_open(backend: Back
     assert_eq!(count(&waiting, "pending"), 1, "{waiting:#}");
 
     server.decide(&offline.id, "decommission").await;
-    let done = wait_deployment(&server, &id, "finished", Duration::from_secs(30), |d| {
+    let done = wait_deployment(&server, &id, Duration::from_secs(30), |d| {
         d["status"] == "finished"
     })
     .await;
@@ -994,7 +967,7 @@ async fn the_cli_creates_follows_and_controls_deployments(backend: Backend) {
         "--json",
     ]));
     let now_id = now["id"].as_str().expect("id").to_owned();
-    wait_deployment(&server, &now_id, "finished", Duration::from_secs(20), |d| {
+    wait_deployment(&server, &now_id, Duration::from_secs(20), |d| {
         d["status"] == "finished"
     })
     .await;
