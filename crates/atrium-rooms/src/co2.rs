@@ -18,6 +18,103 @@ const DECAY_MIN_EXCESS_PPM: f64 = 60.0;
 const DECAY_MIN_DURATION_MS: i64 = 15 * 60_000;
 const DECAY_MAX_GAP_MS: i64 = 20 * 60_000;
 const LAMBDAS: usize = 9;
+/// Trend window of the forecast: long enough that minute-to-minute sensor noise and the odd
+/// door opening do not pass for a trend (the ring bounds it at fast sampling).
+const TREND_WINDOW_MS: i64 = 15 * 60_000;
+/// The horizon at which the tracker checks its own forecasts against what happened.
+const CHECK_HORIZON_MS: i64 = 15 * 60_000;
+/// A forecast is checked against the first reading at most this long after it fell due.
+const CHECK_LATE_MS: i64 = 5 * 60_000;
+/// At most one forecast a minute is kept for checking.
+const CHECK_EVERY_MS: i64 = 60_000;
+const PENDING: usize = 24;
+/// Weight of the physical prior (the trend follows through in full) in ppm^2 of trend: as much
+/// as twenty checked forecasts whose trend part was 50 ppm.
+const FOLLOW_PRIOR_PPM2: f64 = 20.0 * 50.0 * 50.0;
+/// Forgetting per checked forecast: the fit remembers roughly the last 2,000 (a few days).
+const FOLLOW_FORGET: f64 = 0.9995;
+
+/// A forecast waiting for its horizon: the level then and the trend's part of the forecast.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Pending {
+    due_ms: i64,
+    level: f64,
+    trend: f64,
+}
+
+/// How much of a CO2 trend the room actually follows through on, learnt by least squares from
+/// the tracker's own forecasts: 1 where people and a steady air supply set the curve (a room
+/// with windows), less where something bends it back (demand-controlled ventilation opening
+/// its valve as CO2 rises, meetings that end).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FollowThrough {
+    pending: [Pending; PENDING],
+    head: usize,
+    len: usize,
+    last_push_ms: Option<i64>,
+    /// Forgetting sums of trend x trend and trend x what came of it.
+    stt: f64,
+    ste: f64,
+}
+
+impl Default for FollowThrough {
+    fn default() -> Self {
+        Self {
+            pending: [Pending::default(); PENDING],
+            head: 0,
+            len: 0,
+            last_push_ms: None,
+            stt: 0.0,
+            ste: 0.0,
+        }
+    }
+}
+
+impl FollowThrough {
+    /// The share of the trend to forecast with, in [0, 1].
+    fn share(&self) -> f64 {
+        ((FOLLOW_PRIOR_PPM2 + self.ste) / (FOLLOW_PRIOR_PPM2 + self.stt)).clamp(0.0, 1.0)
+    }
+
+    /// Checks the forecasts that fell due against `level`, then files the present one.
+    fn update(&mut self, t_ms: i64, level: f64, trend: Option<f64>) {
+        while self.len > 0 {
+            let p = self.pending[self.head];
+            if p.due_ms > t_ms {
+                break;
+            }
+            self.head = (self.head + 1) % PENDING;
+            self.len -= 1;
+            if t_ms.saturating_sub(p.due_ms) <= CHECK_LATE_MS {
+                self.stt = FOLLOW_FORGET * self.stt + p.trend * p.trend;
+                self.ste = FOLLOW_FORGET * self.ste + p.trend * (level - p.level);
+            }
+        }
+        let Some(trend) = trend else { return };
+        if self
+            .last_push_ms
+            .is_some_and(|l| t_ms.saturating_sub(l) < CHECK_EVERY_MS)
+        {
+            return;
+        }
+        if self.len == PENDING {
+            self.head = (self.head + 1) % PENDING;
+            self.len -= 1;
+        }
+        self.pending[(self.head + self.len) % PENDING] = Pending {
+            due_ms: t_ms.saturating_add(CHECK_HORIZON_MS),
+            level,
+            trend,
+        };
+        self.len += 1;
+        self.last_push_ms = Some(t_ms);
+    }
+
+    /// Forgets the forecasts in flight (after a long silence they cannot be checked).
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+}
 
 /// Running least-squares fit of ln(C - C_out) against time over one decay.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -89,6 +186,8 @@ pub(crate) struct Co2Tracker {
     last_value: f64,
     level: f64,
     slope_ppm_h: Option<f64>,
+    trend_ppm_h: Option<f64>,
+    follow: FollowThrough,
     baseline: f64,
     baseline_ms: Option<i64>,
     decay: DecayFit,
@@ -110,6 +209,8 @@ impl Co2Tracker {
             last_value: baseline_ppm,
             level: baseline_ppm,
             slope_ppm_h: None,
+            trend_ppm_h: None,
+            follow: FollowThrough::default(),
             baseline: baseline_ppm,
             baseline_ms: None,
             decay: DecayFit::default(),
@@ -135,6 +236,7 @@ impl Co2Tracker {
             // After a long silence the old points say nothing about the present slope.
             self.len = 0;
             self.end_decay();
+            self.follow.clear();
         }
         self.values[self.head] = c;
         self.times[self.head] = t_ms;
@@ -143,17 +245,31 @@ impl Co2Tracker {
         self.last_ms = Some(t_ms);
         self.last_value = c;
         self.refit(t_ms);
+        self.trend_ppm_h = self.fit(t_ms, TREND_WINDOW_MS).map(|(slope, _)| slope);
+        let trend = self.trend_part(CHECK_HORIZON_MS as f64 / MS_PER_H);
+        self.follow.update(t_ms, self.level, trend);
         self.track_baseline(t_ms);
         self.learn_decay(t_ms, c, free);
     }
 
     fn refit(&mut self, now: i64) {
+        if let Some((slope, level)) = self.fit(now, WINDOW_MS) {
+            self.slope_ppm_h = Some(slope);
+            self.level = level;
+        } else {
+            self.slope_ppm_h = None;
+            self.level = self.last_value;
+        }
+    }
+
+    /// Least-squares slope (ppm/h) and level now of the readings of the last `window_ms`.
+    fn fit(&self, now: i64, window_ms: i64) -> Option<(f64, f64)> {
         let (mut n, mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut span_ms = 0;
         for k in 0..self.len {
             let i = (self.head + RING - 1 - k) % RING;
             let age = now.saturating_sub(self.times[i]);
-            if age > WINDOW_MS {
+            if age > window_ms {
                 break;
             }
             span_ms = age;
@@ -171,13 +287,17 @@ impl Co2Tracker {
             let slope = (sxy - sx * sy / n) / vx;
             let intercept = sy / n - slope * sx / n;
             if slope.is_finite() && intercept.is_finite() {
-                self.slope_ppm_h = Some(slope);
-                self.level = intercept;
-                return;
+                return Some((slope, intercept));
             }
         }
-        self.slope_ppm_h = None;
-        self.level = self.last_value;
+        None
+    }
+
+    /// The part of the forecast `hours` ahead that the trend adds to the level: the mass
+    /// balance with the present generation and ventilation held constant.
+    fn trend_part(&self, hours: f64) -> Option<f64> {
+        let l = self.lambda();
+        self.trend_ppm_h.map(|s| s / l * (1.0 - (-l * hours).exp()))
     }
 
     fn track_baseline(&mut self, t_ms: i64) {
@@ -255,8 +375,25 @@ impl Co2Tracker {
     }
 
     /// The sensor's fresh-air level (outdoor air plus sensor offset).
+    #[cfg(test)]
     pub(crate) fn baseline(&self) -> f64 {
         self.baseline
+    }
+
+    /// The level the room heads for if the present trend keeps on as far as this room's trends
+    /// have been seen to (the steady state of the forecast); `None` without a fresh trend.
+    pub(crate) fn heading(&self, now: i64) -> Option<f64> {
+        let trend = if self.fresh(now) {
+            self.trend_ppm_h
+        } else {
+            None
+        }?;
+        Some(self.level + self.follow.share() * trend / self.lambda())
+    }
+
+    /// Share of a trend this room has been seen to follow through on, in [0, 1].
+    pub(crate) fn follow_through(&self) -> f64 {
+        self.follow.share()
     }
 
     /// CO2 generation in ppm/h implied by the mass balance: dC/dt + lambda (C - C_out).
@@ -286,6 +423,38 @@ mod tests {
             let got = t.learnt_lambda().expect("learnt");
             assert!((got - lambda).abs() / lambda < 0.05, "{lambda}: {got}");
         }
+    }
+
+    #[test]
+    fn a_trend_that_follows_through_keeps_its_weight() {
+        // People in a room with steady ventilation: CO2 rises towards its steady state, and
+        // every forecast of the trend comes true.
+        let (lambda, c_ss) = (0.8, 1600.0);
+        let mut t = Co2Tracker::new(420.0, lambda, Some(lambda));
+        let mut ms = 0i64;
+        while ms < 3 * 3_600_000 {
+            let c = concentration_after(450.0, c_ss, lambda, ms as f64 / MS_PER_H);
+            t.update(ms, c, false);
+            ms += 60_000;
+        }
+        assert!(t.follow_through() > 0.9, "{}", t.follow_through());
+        let heading = t.heading(ms - 60_000).expect("heading");
+        assert!(
+            (heading - c_ss).abs() < 60.0,
+            "heads for {heading}, not {c_ss}"
+        );
+    }
+
+    #[test]
+    fn a_trend_that_turns_back_loses_its_weight() {
+        // A ventilation controller opening its valve as CO2 rises and closing it as CO2 falls:
+        // the level swings around 800 ppm, and each trend has turned by the time it is checked.
+        let mut t = Co2Tracker::new(420.0, 1.0, Some(1.0));
+        for k in 0..(2 * 24 * 60) {
+            let phase = f64::from(k) / 40.0 * std::f64::consts::TAU;
+            t.update(i64::from(k) * 60_000, 800.0 + 120.0 * phase.sin(), false);
+        }
+        assert!(t.follow_through() < 0.3, "{}", t.follow_through());
     }
 
     #[test]

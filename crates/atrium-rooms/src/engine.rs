@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::{Calibration, Features};
 use crate::co2::Co2Tracker;
 use crate::config::{Level, RoomConfig};
-use crate::physics::{PPM_M3_PER_H_PER_PERSON, hours_to_threshold};
+use crate::physics::{PPM_M3_PER_H_PER_PERSON, concentration_after, hours_to_threshold};
 use crate::reading::{MAX_CHANNELS, Reading, RejectReason, SensorKind, check_value};
 
 /// A reading older than this no longer describes the room.
@@ -259,6 +259,24 @@ impl RoomEngine {
     /// The room after the latest accepted reading.
     pub fn state(&self) -> &RoomState {
         &self.state
+    }
+
+    /// CO2 expected `minutes` after the latest reading: the mass balance with the present
+    /// generation and ventilation held constant, its trend weighted by how far this room's
+    /// trends have been seen to follow through. `None` without a fresh CO2 trend. This is the
+    /// forecast behind [`RoomState::minutes_to_next_threshold`].
+    pub fn co2_forecast_ppm(&self, minutes: f64) -> Option<f64> {
+        let t = self.now_ms?;
+        let c = self.co2.level(t)?;
+        let heading = self.co2.heading(t)?;
+        let hours = minutes.max(0.0) / 60.0;
+        Some(concentration_after(c, heading, self.co2.lambda(), hours))
+    }
+
+    /// Share of a CO2 trend this room has been seen to follow through on within 15 minutes,
+    /// in [0, 1]; starts at 1 (physics alone) and is learnt from the engine's own forecasts.
+    pub fn co2_follow_through(&self) -> f64 {
+        self.co2.follow_through()
     }
 
     /// Air changes per hour learnt so far (calibration or observed decays).
@@ -538,12 +556,9 @@ impl RoomEngine {
             } else {
                 None
             };
-            if let (Some(limit), Some(g)) = (next, self.co2.generation(t)) {
-                let lambda = self.co2.lambda();
-                if g > 0.0 {
-                    let c_ss = self.co2.baseline() + g / lambda;
-                    minutes = hours_to_threshold(c, c_ss, limit, lambda).map(|h| h * 60.0);
-                }
+            if let (Some(limit), Some(heading)) = (next, self.co2.heading(t)) {
+                minutes =
+                    hours_to_threshold(c, heading, limit, self.co2.lambda()).map(|h| h * 60.0);
             }
             let soon = minutes.is_some_and(|m| m <= self.config.ventilate_warning_min) && occupied;
             if !self.ventilate_active && (level > Level::Good || soon) {
