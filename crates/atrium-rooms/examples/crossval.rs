@@ -16,7 +16,9 @@ fn main() -> ExitCode {
             .cloned()
     };
     let (Some(format), Some(file)) = (get("--format"), get("--file")) else {
-        eprintln!("usage: crossval --format uci-occupancy|room-occupancy-estimation --file FILE");
+        eprintln!(
+            "usage: crossval --format uci-occupancy|room-occupancy-estimation|b4b --file FILE"
+        );
         return ExitCode::from(2);
     };
     let run = || -> Result<(), String> {

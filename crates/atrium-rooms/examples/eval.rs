@@ -1,5 +1,5 @@
 //! Scores the rooms engine on a published data set:
-//! `cargo run -p atrium-rooms --release --example eval -- --format uci-occupancy --train TRAIN --test TEST`
+//! `cargo run -p atrium-rooms --release --example eval -- --format uci-occupancy [--train TRAIN] --test TEST`
 
 use std::process::ExitCode;
 
@@ -13,18 +13,20 @@ fn main() -> ExitCode {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    let (Some(format), Some(train), Some(test)) = (get("--format"), get("--train"), get("--test"))
-    else {
+    let (Some(format), Some(test)) = (get("--format"), get("--test")) else {
         eprintln!(
-            "usage: eval --format uci-occupancy|room-occupancy-estimation --train FILE --test FILE"
+            "usage: eval --format uci-occupancy|room-occupancy-estimation|b4b [--train FILE] --test FILE"
         );
         return ExitCode::from(2);
     };
     let run = || -> Result<String, String> {
         let format: DatasetFormat = format.parse().map_err(|e| format!("{e}"))?;
-        let train = std::fs::read_to_string(&train).map_err(|e| format!("{train}: {e}"))?;
+        let train = match get("--train") {
+            Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?),
+            None => None,
+        };
         let test = std::fs::read_to_string(&test).map_err(|e| format!("{test}: {e}"))?;
-        evaluate(format, &train, &test)
+        evaluate(format, train.as_deref(), &test)
             .map(|r| r.to_string())
             .map_err(|e| e.to_string())
     };

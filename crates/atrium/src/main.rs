@@ -402,12 +402,13 @@ enum TokensCmd {
 enum RoomsCmd {
     /// Replays a labelled data set through the rooms engine and prints `name: value` lines.
     Eval {
-        /// uci-occupancy or room-occupancy-estimation.
+        /// uci-occupancy, room-occupancy-estimation or b4b (Brains4Buildings).
         #[arg(long)]
         format: String,
-        /// File the engine may calibrate on.
+        /// File the engine may calibrate on; without it the engine runs untrained, from
+        /// physical priors, as in a newly equipped room.
         #[arg(long)]
-        train: PathBuf,
+        train: Option<PathBuf>,
         /// File it is scored on.
         #[arg(long)]
         test: PathBuf,
@@ -633,7 +634,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let format = format
                 .parse::<atrium_rooms::eval::DatasetFormat>()
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let report = atrium_rooms::eval::evaluate(format, &read(&train)?, &read(&test)?)?;
+            let train = train.as_ref().map(read).transpose()?;
+            let report = atrium_rooms::eval::evaluate(format, train.as_deref(), &read(&test)?)?;
             print!("{report}");
             Ok(())
         }
