@@ -184,6 +184,8 @@ pub struct RoomEngine {
     people_smooth: Option<f64>,
     people_ms: i64,
     ventilate_active: bool,
+    /// Numbers the occupied spells (counts arrivals).
+    spell: u64,
     state: RoomState,
 }
 
@@ -247,6 +249,7 @@ impl RoomEngine {
             people_smooth: None,
             people_ms: 0,
             ventilate_active: false,
+            spell: 0,
             state,
         }
     }
@@ -332,7 +335,8 @@ impl RoomEngine {
                 let free = self.label_hint.unwrap_or(
                     self.state.occupancy_probability < DECAY_LEARN_BELOW && !self.state.occupied,
                 );
-                self.co2.update(t, r.value, free);
+                let spell = self.state.occupied.then_some(self.spell);
+                self.co2.update(t, r.value, free, spell);
             }
             SensorKind::Light => {
                 let before = self.any_lit(t);
@@ -493,6 +497,9 @@ impl RoomEngine {
         let was = self.state.occupied;
         let occupied = if was { p > 0.5 - h } else { p >= 0.5 + h };
         if occupied != was {
+            if occupied {
+                self.spell = self.spell.wrapping_add(1);
+            }
             events.push(if occupied {
                 Event::Arrival {
                     time_ms: t,
