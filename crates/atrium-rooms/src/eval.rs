@@ -591,6 +591,10 @@ pub struct Tally {
     pub learnt_runs: u64,
     /// Sum of the air-change rates learnt by the end of those replays.
     pub learnt_ach: f64,
+    /// Replays summed in `follow_through`.
+    pub replays: u64,
+    /// Sum of the CO2 trend follow-through learnt by the end of each replay.
+    pub follow_through: f64,
 }
 
 impl Tally {
@@ -611,6 +615,8 @@ impl Tally {
         self.free_vent_ach += o.free_vent_ach;
         self.learnt_runs += o.learnt_runs;
         self.learnt_ach += o.learnt_ach;
+        self.replays += o.replays;
+        self.follow_through += o.follow_through;
     }
 
     /// The report lines for these tallies.
@@ -640,6 +646,13 @@ impl Tally {
                 1,
             );
             r.push("co2_forecasts", n, 0);
+        }
+        if self.replays > 0 {
+            r.push(
+                "co2_follow_through",
+                self.follow_through / self.replays as f64,
+                2,
+            );
         }
         if self.learnt_runs > 0 {
             r.push(
@@ -761,6 +774,8 @@ pub fn replay(format: DatasetFormat, train: &[Row], test: &[Row]) -> Tally {
         t.learnt_runs += 1;
         t.learnt_ach += l;
     }
+    t.replays += 1;
+    t.follow_through += engine.co2_follow_through();
     let horizon_ms = (FORECAST_MIN * 60_000.0) as i64;
     for (i, forecast, level) in forecasts {
         if let Some(truth) = co2_around(test, i, test[i].time_ms + horizon_ms) {
