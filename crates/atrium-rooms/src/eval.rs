@@ -189,6 +189,33 @@ fn num(line: usize, column: &'static str, s: &str) -> Result<f64, EvalError> {
         .map_err(|_| field_err(line, column, s))
 }
 
+/// A people count: a whole number from 0 to 1000.
+fn people_count(line: usize, column: &'static str, s: &str) -> Result<u32, EvalError> {
+    let n = num(line, column, s)?;
+    if !(0.0..=1000.0).contains(&n) || n.fract() != 0.0 {
+        return Err(field_err(line, column, s));
+    }
+    Ok(n as u32)
+}
+
+/// The comma-separated fields of a row that must have exactly `n`.
+fn fields<'a>(
+    line: usize,
+    l: &'a str,
+    n: usize,
+    expected: &'static str,
+) -> Result<Vec<&'a str>, EvalError> {
+    let f: Vec<&str> = l.split(',').collect();
+    if f.len() != n {
+        return Err(EvalError::FieldCount {
+            line,
+            expected,
+            found: f.len(),
+        });
+    }
+    Ok(f)
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -318,14 +345,7 @@ pub fn parse(format: DatasetFormat, text: &str) -> Result<Vec<Row>, EvalError> {
             }
             for (i, l) in lines {
                 let line = i + 1;
-                let f: Vec<&str> = l.split(',').collect();
-                if f.len() != ROOM_HEADER.len() {
-                    return Err(EvalError::FieldCount {
-                        line,
-                        expected: "19",
-                        found: f.len(),
-                    });
-                }
+                let f = fields(line, l, ROOM_HEADER.len(), "19")?;
                 let t = parse_datetime(line, "Date/Time", unquote(f[0]), unquote(f[1]))?;
                 let mut readings = Vec::with_capacity(15);
                 for c in 0..4u8 {
@@ -362,11 +382,7 @@ pub fn parse(format: DatasetFormat, text: &str) -> Result<Vec<Row>, EvalError> {
                     SensorKind::Motion,
                     num(line, "S7_PIR", f[17])?,
                 ));
-                let count = num(line, "Room_Occupancy_Count", f[18])?;
-                if !(0.0..=1000.0).contains(&count) || count.fract() != 0.0 {
-                    return Err(field_err(line, "Room_Occupancy_Count", f[18]));
-                }
-                let people = count as u32;
+                let people = people_count(line, "Room_Occupancy_Count", f[18])?;
                 rows.push(Row {
                     line,
                     time_ms: t,
@@ -452,14 +468,7 @@ fn parse_b4b<'a>(
     let mut camera: Vec<(i64, u32)> = Vec::new();
     for (i, l) in lines {
         let line = i + 1;
-        let f: Vec<&str> = l.split(',').collect();
-        if f.len() != names.len() {
-            return Err(EvalError::FieldCount {
-                line,
-                expected: "as many as the header",
-                found: f.len(),
-            });
-        }
+        let f = fields(line, l, names.len(), "as many as the header")?;
         let room = unquote(f[c_id]);
         if !B4B_ROOMS.contains(&room) {
             return Err(EvalError::UnknownRoom {
@@ -502,13 +511,8 @@ fn parse_b4b<'a>(
                     ventilation_ach: valve.map(|v| v * B4B_VENT_MAX_M3_H / B4B_VOLUME_M3),
                 });
             }
-            "xovis" => {
-                if let Some(n) = opt(line, "occupancy__p", f[c_people])? {
-                    if !(0.0..=1000.0).contains(&n) || n.fract() != 0.0 {
-                        return Err(field_err(line, "occupancy__p", f[c_people]));
-                    }
-                    camera.push((t, n as u32));
-                }
+            "xovis" if !f[c_people].trim().is_empty() => {
+                camera.push((t, people_count(line, "occupancy__p", f[c_people])?));
             }
             _ => {}
         }
