@@ -26,14 +26,17 @@ const TREND_WINDOW_MS: i64 = 10 * 60_000;
 const CHECK_HORIZON_MS: i64 = 15 * 60_000;
 /// A forecast is checked against the first reading at most this long after it fell due.
 const CHECK_LATE_MS: i64 = 5 * 60_000;
-/// At most one forecast a minute is kept for checking.
-const CHECK_EVERY_MS: i64 = 60_000;
-const PENDING: usize = 24;
+/// Forecasts in flight at most. A server keeps an engine per room, so this stays small:
+/// forecasts a few minutes apart overlap in what they say anyway.
+const PENDING: usize = 4;
+/// One forecast is filed for checking every so often, so that `PENDING` cover the horizon.
+const CHECK_EVERY_MS: i64 = CHECK_HORIZON_MS / PENDING as i64;
 /// Weight of the physical prior (the trend follows through in full) in ppm^2 of trend: as much
-/// as twenty checked forecasts whose trend part was 50 ppm.
-const FOLLOW_PRIOR_PPM2: f64 = 20.0 * 50.0 * 50.0;
-/// Forgetting per checked forecast: the fit remembers roughly the last 2,000 (a few days).
-const FOLLOW_FORGET: f64 = 0.9995;
+/// as five checked forecasts whose trend part was 50 ppm.
+const FOLLOW_PRIOR_PPM2: f64 = 5.0 * 50.0 * 50.0;
+/// Forgetting per checked forecast: the fit remembers roughly the last 500, a week or two of
+/// a meeting room's occupied hours.
+const FOLLOW_FORGET: f64 = 0.998;
 
 /// A forecast waiting for its horizon: the occupied spell it was made in, the level then and
 /// the trend's part of the forecast.
@@ -487,8 +490,8 @@ mod tests {
             t.update(i64::from(k) * 60_000, c, !meeting, spell);
         }
         // Not quite 1: a straight line through the last minutes of a rise that levels off
-        // overshoots a little. Counting the departures would halve it.
-        assert!(t.follow_through() > 0.8, "{}", t.follow_through());
+        // overshoots (about 0.8 here). Counting the departures would bring it to a half.
+        assert!(t.follow_through() > 0.7, "{}", t.follow_through());
     }
 
     #[test]
