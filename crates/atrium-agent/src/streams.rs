@@ -116,11 +116,132 @@ impl StreamIo {
     }
 }
 
-struct Entry {
-    input: mpsc::Sender<Input>,
+/// The open streams of one service on one link (the terminals, or the file transfers and
+/// forwarded connections): each stream's input queue, the bytes of input the server may still
+/// send it, and the channel all their tasks send through. Input beyond a stream's credit or
+/// queue ends that stream.
+pub(crate) struct StreamTable<I, T> {
+    entries: HashMap<u32, TableEntry<I, T>>,
+    out_tx: mpsc::Sender<Message>,
+    out_rx: mpsc::Receiver<Message>,
+    /// What the service calls a stream, for the reasons it gives ("stream", "terminal").
+    noun: &'static str,
+}
+
+struct TableEntry<I, T> {
+    input: mpsc::Sender<I>,
     /// Input bytes the server may still send (the task's grants minus what arrived).
     server_credit: u64,
-    kind: Kind,
+    tag: T,
+}
+
+impl<I, T> StreamTable<I, T> {
+    pub(crate) fn new(noun: &'static str) -> Self {
+        let (out_tx, out_rx) = mpsc::channel(32);
+        Self {
+            entries: HashMap::new(),
+            out_tx,
+            out_rx,
+            noun,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn contains(&self, stream: u32) -> bool {
+        self.entries.contains_key(&stream)
+    }
+
+    /// The tags of the open streams.
+    pub(crate) fn tags(&self) -> impl Iterator<Item = &T> {
+        self.entries.values().map(|e| &e.tag)
+    }
+
+    /// The channel a stream's task sends its messages through.
+    pub(crate) fn out(&self) -> mpsc::Sender<Message> {
+        self.out_tx.clone()
+    }
+
+    /// Opens `stream`: the server may send `server_credit` bytes of input at once, and the
+    /// task reads its input from the returned queue.
+    pub(crate) fn insert(&mut self, stream: u32, server_credit: u64, tag: T) -> mpsc::Receiver<I> {
+        let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
+        self.entries.insert(
+            stream,
+            TableEntry {
+                input,
+                server_credit,
+                tag,
+            },
+        );
+        input_rx
+    }
+
+    /// The next message a task wants sent to the server. What a task grants, the server may
+    /// send: counted before it leaves. A close forgets the stream.
+    pub(crate) async fn outgoing(&mut self) -> Message {
+        loop {
+            // out_tx lives in self, so the channel never closes while we wait.
+            if let Some(message) = self.out_rx.recv().await {
+                match &message {
+                    Message::StreamClose(close) => {
+                        self.entries.remove(&close.stream);
+                    }
+                    Message::StreamWindow(grant) => {
+                        if let Some(entry) = self.entries.get_mut(&grant.stream) {
+                            entry.server_credit =
+                                entry.server_credit.saturating_add(u64::from(grant.credit));
+                        }
+                    }
+                    _ => {}
+                }
+                return message;
+            }
+        }
+    }
+
+    /// Input bytes from the server for `stream`, within its credit; the reply to send at once
+    /// if the stream ends over it.
+    pub(crate) fn data(
+        &mut self,
+        stream: u32,
+        data: Vec<u8>,
+        wrap: fn(Vec<u8>) -> I,
+    ) -> Option<Message> {
+        let entry = self.entries.get_mut(&stream)?;
+        let len = data.len() as u64;
+        if len > entry.server_credit {
+            return Some(self.fail(stream, "input window"));
+        }
+        entry.server_credit -= len;
+        self.deliver(stream, wrap(data))
+    }
+
+    /// Hands `input` to the stream's task; the reply to send at once if the stream ends over it.
+    pub(crate) fn deliver(&mut self, stream: u32, input: I) -> Option<Message> {
+        let entry = self.entries.get(&stream)?;
+        match entry.input.try_send(input) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(_)) => Some(self.fail(stream, "input queue")),
+            // The task has ended; its close is on its way.
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
+        }
+    }
+
+    /// The server closed `stream`: dropping its queue ends the task, which answers nothing.
+    pub(crate) fn remove(&mut self, stream: u32) {
+        self.entries.remove(&stream);
+    }
+
+    fn fail(&mut self, stream: u32, what: &str) -> Message {
+        self.entries.remove(&stream);
+        refuse(
+            stream,
+            &format!("server overran the {}'s {what}", self.noun),
+        )
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -134,21 +255,16 @@ enum Kind {
 pub struct Services {
     files: FilesConfig,
     forward: PortForwardConfig,
-    sessions: HashMap<u32, Entry>,
-    out_tx: mpsc::Sender<Message>,
-    out_rx: mpsc::Receiver<Message>,
+    streams: StreamTable<Input, Kind>,
 }
 
 impl Services {
     /// No streams yet.
     pub fn new(files: FilesConfig, forward: PortForwardConfig) -> Services {
-        let (out_tx, out_rx) = mpsc::channel(32);
         Services {
             files,
             forward,
-            sessions: HashMap::new(),
-            out_tx,
-            out_rx,
+            streams: StreamTable::new("stream"),
         }
     }
 
@@ -162,35 +278,22 @@ impl Services {
 
     /// Whether stream `stream` is one of ours.
     pub fn owns(&self, stream: u32) -> bool {
-        self.sessions.contains_key(&stream)
+        self.streams.contains(stream)
     }
 
     /// Number of open streams.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.streams.len()
     }
 
     /// Whether no stream is open.
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.streams.len() == 0
     }
 
     /// The next message a task wants sent to the server.
     pub async fn outgoing(&mut self) -> Message {
-        loop {
-            // out_tx lives in self, so the channel never closes while we wait.
-            if let Some(message) = self.out_rx.recv().await {
-                if let Message::StreamClose(close) = &message {
-                    self.sessions.remove(&close.stream);
-                }
-                if let Message::StreamWindow(w) = &message
-                    && let Some(entry) = self.sessions.get_mut(&w.stream)
-                {
-                    entry.server_credit = entry.server_credit.saturating_add(u64::from(w.credit));
-                }
-                return message;
-            }
-        }
+        self.streams.outgoing().await
     }
 
     /// Handles a stream message from the server; returns a reply to send at once, if any.
@@ -198,46 +301,22 @@ impl Services {
         match message {
             Message::StreamOpen(open) => self.open(open),
             Message::StreamData(StreamData { stream, data }) => {
-                let entry = self.sessions.get_mut(&stream)?;
-                let len = data.len() as u64;
-                if len > entry.server_credit {
-                    return Some(self.fail(stream, "server overran the stream's input window"));
-                }
-                entry.server_credit -= len;
-                self.deliver(stream, Input::Data(data))
+                self.streams.data(stream, data, Input::Data)
             }
             Message::StreamWindow(StreamWindow { stream, credit }) => {
-                self.deliver(stream, Input::Window(credit))
+                self.streams.deliver(stream, Input::Window(credit))
             }
             Message::StreamClose(close) => {
-                // Dropping the sender ends the task; it answers nothing.
-                self.sessions.remove(&close.stream);
+                self.streams.remove(close.stream);
                 None
             }
             _ => None,
         }
     }
 
-    fn deliver(&mut self, stream: u32, input: Input) -> Option<Message> {
-        let entry = self.sessions.get(&stream)?;
-        match entry.input.try_send(input) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Some(self.fail(stream, "server overran the stream's input queue"))
-            }
-            // The task has ended; its close is on its way.
-            Err(mpsc::error::TrySendError::Closed(_)) => None,
-        }
-    }
-
-    fn fail(&mut self, stream: u32, reason: &str) -> Message {
-        self.sessions.remove(&stream);
-        refuse(stream, reason)
-    }
-
     fn open(&mut self, open: StreamOpen) -> Option<Message> {
         let stream = open.stream;
-        if self.sessions.contains_key(&stream) {
+        if self.streams.contains(stream) {
             return Some(refuse(stream, "stream id already in use"));
         }
         let kind = match open.kind.as_str() {
@@ -269,27 +348,19 @@ impl Services {
             };
             return Some(refuse(stream, reason));
         }
-        let open_now = self.sessions.values().filter(|e| e.kind == kind).count();
+        let open_now = self.streams.tags().filter(|k| **k == kind).count();
         if open_now >= limit {
             return Some(refuse(
                 stream,
                 &format!("busy: this device allows at most {limit} {what} at a time"),
             ));
         }
-        let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
-        self.sessions.insert(
-            stream,
-            Entry {
-                input: input_tx,
-                // Nothing until the task accepts; its grants pass through `outgoing`.
-                server_credit: 0,
-                kind,
-            },
-        );
+        // Nothing until the task accepts; its grants pass through `outgoing`.
+        let input = self.streams.insert(stream, 0, kind);
         let io = StreamIo {
             stream,
-            input: input_rx,
-            out: self.out_tx.clone(),
+            input,
+            out: self.streams.out(),
             credit: u64::from(open.initial_window),
         };
         match open.kind.as_str() {
@@ -326,4 +397,76 @@ pub fn refuse(stream: u32, reason: &str) -> Message {
         exit_code: None,
         reason: Some(reason.to_owned()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(m: Option<Message>) -> Option<String> {
+        match m {
+            Some(Message::StreamClose(c)) => c.reason,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn input_flows_within_the_credit_the_task_granted() {
+        let mut table: StreamTable<Input, ()> = StreamTable::new("stream");
+        let mut input = table.insert(7, 0, ());
+        // Nothing granted yet: the first byte is an overrun, and the stream is gone.
+        let refused = table.data(7, vec![1], Input::Data);
+        assert_eq!(
+            reason(refused).as_deref(),
+            Some("server overran the stream's input window")
+        );
+        assert!(!table.contains(7));
+
+        let mut input_b = table.insert(8, 0, ());
+        // The task grants 4 bytes; the grant counts once it passes through `outgoing`.
+        let out = table.out();
+        out.send(Message::StreamWindow(StreamWindow {
+            stream: 8,
+            credit: 4,
+        }))
+        .await
+        .expect("queued");
+        assert!(matches!(table.outgoing().await, Message::StreamWindow(_)));
+        assert_eq!(table.data(8, vec![1, 2, 3], Input::Data), None);
+        assert!(matches!(input_b.recv().await, Some(Input::Data(d)) if d == [1, 2, 3]));
+        assert_eq!(table.data(8, vec![4], Input::Data), None);
+        let over = table.data(8, vec![5], Input::Data);
+        assert_eq!(
+            reason(over).as_deref(),
+            Some("server overran the stream's input window")
+        );
+        // The first stream's task sees its input end.
+        assert!(input.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_ends_the_stream_and_a_close_forgets_it() {
+        let mut table: StreamTable<Input, &str> = StreamTable::new("terminal");
+        let _input = table.insert(1, u64::MAX, "a");
+        for _ in 0..INPUT_QUEUE {
+            assert_eq!(table.deliver(1, Input::Window(1)), None);
+        }
+        assert_eq!(
+            reason(table.deliver(1, Input::Window(1))).as_deref(),
+            Some("server overran the terminal's input queue")
+        );
+        assert_eq!(table.len(), 0);
+
+        // A task that has ended: its input goes nowhere and nothing is answered.
+        drop(table.insert(2, 10, "b"));
+        assert_eq!(table.data(2, vec![0], Input::Data), None);
+        // The task's close passes through `outgoing` and forgets the stream.
+        let _input = table.insert(3, 10, "c");
+        assert_eq!(table.tags().copied().collect::<Vec<_>>().len(), 2);
+        table.out().send(refuse(3, "done")).await.expect("queued");
+        assert!(matches!(table.outgoing().await, Message::StreamClose(_)));
+        assert!(!table.contains(3));
+        table.remove(2);
+        assert_eq!(table.len(), 0);
+    }
 }

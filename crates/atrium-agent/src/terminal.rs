@@ -15,7 +15,7 @@
 //! server, the link going down, the idle timeout or the lifetime limit hang up and kill the
 //! whole process group and reap the shell.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,14 +27,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
+use crate::streams::StreamTable;
+
 /// The stream kind this module serves.
 pub const KIND: &str = "terminal";
 /// Input bytes the agent accepts before the server must wait for more credit.
 pub const INPUT_WINDOW: u32 = 64 * 1024;
 /// Largest output chunk sent in one [`StreamData`].
 const READ_CHUNK: usize = 32 * 1024;
-/// Input messages queued for one session before the server is considered to overrun it.
-const INPUT_QUEUE: usize = 1024;
 /// How long output is still collected after the shell exited (background writers).
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
@@ -186,63 +186,35 @@ enum Input {
     Resize(u16, u16),
 }
 
-struct Entry {
-    input: mpsc::Sender<Input>,
-    /// Input bytes the server may still send (our grants minus what arrived).
-    server_credit: u64,
-}
-
-/// The terminals of one link session. Dropping it hangs up every terminal.
+/// The terminals of one link session. Dropping it hangs up every terminal (dropping a
+/// terminal's input queue hangs it up).
 pub struct Terminals {
     config: TerminalConfig,
-    sessions: HashMap<u32, Entry>,
-    out_tx: mpsc::Sender<Message>,
-    out_rx: mpsc::Receiver<Message>,
+    streams: StreamTable<Input, ()>,
 }
 
 impl Terminals {
     /// No terminals yet.
     pub fn new(config: TerminalConfig) -> Terminals {
-        let (out_tx, out_rx) = mpsc::channel(32);
         Terminals {
             config,
-            sessions: HashMap::new(),
-            out_tx,
-            out_rx,
+            streams: StreamTable::new("terminal"),
         }
     }
 
     /// Number of open terminals.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.streams.len()
     }
 
     /// Whether no terminal is open.
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.streams.len() == 0
     }
 
     /// The next message a terminal wants sent to the server.
     pub async fn outgoing(&mut self) -> Message {
-        loop {
-            // out_tx lives in self, so the channel never closes while we wait.
-            if let Some(message) = self.out_rx.recv().await {
-                match &message {
-                    Message::StreamClose(close) => {
-                        self.sessions.remove(&close.stream);
-                    }
-                    // What a terminal grants, the server may send: counted before it leaves.
-                    Message::StreamWindow(grant) => {
-                        if let Some(entry) = self.sessions.get_mut(&grant.stream) {
-                            entry.server_credit =
-                                entry.server_credit.saturating_add(u64::from(grant.credit));
-                        }
-                    }
-                    _ => {}
-                }
-                return message;
-            }
-        }
+        self.streams.outgoing().await
     }
 
     /// Handles a stream message from the server; returns a reply to send at once, if any.
@@ -250,44 +222,20 @@ impl Terminals {
         match message {
             Message::StreamOpen(open) => self.open(open),
             Message::StreamData(StreamData { stream, data }) => {
-                let entry = self.sessions.get_mut(&stream)?;
-                let len = data.len() as u64;
-                if len > entry.server_credit {
-                    return Some(self.fail(stream, "server overran the terminal's input window"));
-                }
-                entry.server_credit -= len;
-                self.deliver(stream, Input::Data(data))
+                self.streams.data(stream, data, Input::Data)
             }
             Message::StreamWindow(StreamWindow { stream, credit }) => {
-                self.deliver(stream, Input::Window(credit))
+                self.streams.deliver(stream, Input::Window(credit))
             }
-            Message::StreamResize(resize) => {
-                self.deliver(resize.stream, Input::Resize(resize.cols, resize.rows))
-            }
+            Message::StreamResize(resize) => self
+                .streams
+                .deliver(resize.stream, Input::Resize(resize.cols, resize.rows)),
             Message::StreamClose(close) => {
-                // Dropping the sender hangs the terminal up; it answers nothing.
-                self.sessions.remove(&close.stream);
+                self.streams.remove(close.stream);
                 None
             }
             _ => None,
         }
-    }
-
-    fn deliver(&mut self, stream: u32, input: Input) -> Option<Message> {
-        let entry = self.sessions.get(&stream)?;
-        match entry.input.try_send(input) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Some(self.fail(stream, "server overran the terminal's input queue"))
-            }
-            // The terminal has ended; its close is on its way.
-            Err(mpsc::error::TrySendError::Closed(_)) => None,
-        }
-    }
-
-    fn fail(&mut self, stream: u32, reason: &str) -> Message {
-        self.sessions.remove(&stream);
-        close(stream, None, reason)
     }
 
     fn open(&mut self, open: StreamOpen) -> Option<Message> {
@@ -306,10 +254,10 @@ impl Terminals {
                 "the terminal is disabled on this device",
             ));
         }
-        if self.sessions.contains_key(&stream) {
+        if self.streams.contains(stream) {
             return Some(close(stream, None, "stream id already in use"));
         }
-        if self.sessions.len() >= self.config.max_sessions {
+        if self.streams.len() >= self.config.max_sessions {
             return Some(close(
                 stream,
                 None,
@@ -329,17 +277,10 @@ impl Terminals {
                 return Some(close(stream, None, &reason));
             }
         };
-        let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
-        self.sessions.insert(
-            stream,
-            Entry {
-                input: input_tx,
-                server_credit: u64::from(INPUT_WINDOW),
-            },
-        );
+        let input_rx = self.streams.insert(stream, u64::from(INPUT_WINDOW), ());
         let limits = Limits::from_secs(self.config.idle_timeout_s, self.config.max_lifetime_s);
         tracing::info!(stream, pid = shell.pid, "terminal opened");
-        let out = self.out_tx.clone();
+        let out = self.streams.out();
         tokio::spawn(run(
             stream,
             shell,
