@@ -565,7 +565,7 @@ impl fmt::Display for EvalReport {
 /// Tallies of a replay, summable over folds.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Tally {
-    /// Rows scored.
+    /// Rows scored: those the data set labels occupied or free.
     pub rows: u64,
     /// Rows whose occupied/free was right.
     pub correct: u64,
@@ -577,7 +577,8 @@ pub struct Tally {
     pub count_abs_err: f64,
     /// Readings the engine rejected.
     pub rejected: u64,
-    /// Labelled rows scored for the motion sensor alone (data sets with one).
+    /// Labelled rows scored for the motion sensor alone (data sets with one), from the first
+    /// motion on.
     pub motion_rows: u64,
     /// Of those, rows where "motion within the PIR hold time" was right.
     pub motion_correct: u64,
